@@ -10,22 +10,7 @@ out-of-range value or inconsistent dataset -> expert map.
 
 from __future__ import annotations
 
-import difflib
-import os
-from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any
-
-import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    OmegaConfBaseException,
-    ValidationError,
-)
-
-from damex.errors import ConfigError
+from dataclasses import dataclass, field
 
 __all__ = [
     "BackboneConfig",
@@ -63,6 +48,10 @@ class DatasetEntry:
     splits: dict[str, str] = field(default_factory=dict)
     image_roots: dict[str, str] = field(default_factory=dict)  # per-split image root overrides
     classes: list[str] | None = None
+    # disjoint label space: give the dataset a block of num_slots with slot = native_id - 1
+    # (COCO's 91 slots in the paper's 178-way head); None = one slot per category (compact)
+    num_slots: int | None = None
+    expert: int | None = None  # default expert when moe.expert_map does not name the dataset
     scales: list[int] | None = None  # per-dataset short-side train scales (data.per_dataset_scales)
     test_scale: int | None = None
     max_size: int | None = None

@@ -46,7 +46,9 @@ def normalize_boxes(boxes_xyxy_abs: Tensor, height: int, width: int) -> Tensor:
     return box_xyxy_to_cxcywh(boxes_xyxy_abs) / scale
 
 
-def denormalize_boxes(boxes_cxcywh_norm: Tensor, height: Tensor | float, width: Tensor | float) -> Tensor:
+def denormalize_boxes(
+    boxes_cxcywh_norm: Tensor, height: Tensor | float, width: Tensor | float
+) -> Tensor:
     """Normalized ``cxcywh`` ``[..., 4]`` -> absolute ``xyxy`` pixels of an image (height, width).
 
     ``height``/``width`` may be tensors broadcastable to ``boxes[..., 0]`` (e.g. ``[B, 1]``).
