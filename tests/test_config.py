@@ -1,0 +1,128 @@
+"""Config loading: inheritance, overrides, and the error messages users see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from damex.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    default_config_path,
+    load_config,
+    save_config,
+)
+from damex.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_inheritance_and_overrides(tmp_path: Path) -> None:
+    _write(tmp_path / "base.yaml", "data:\n  train: [a, b]\ntrain:\n  lr: 1.0e-3\n  epochs: 3\n")
+    child = _write(tmp_path / "sub" / "child.yaml", "_base_: ../base.yaml\ntrain:\n  epochs: 5\n")
+    cfg = load_config(child, ["train.batch_size=4", "data.scales=[64, 96]", "train.lr=2e-4"])
+    assert cfg.data.train == ["a", "b"]  # from the base
+    assert cfg.train.epochs == 5  # child wins over base
+    assert cfg.train.batch_size == 4  # override
+    assert cfg.data.scales == [64, 96]
+    assert cfg.train.lr == pytest.approx(2e-4)  # "2e-4" (a YAML string) converted to float
+    assert cfg.model.d_model == 256  # schema default
+
+
+def test_misspelt_key_names_it_and_suggests(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.yaml", "data:\n  train: [a]\nmodel:\n  dec_layer: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'model\.dec_layer'; did you mean "
+                       r"'model\.dec_layers'\?"):
+        load_config(path)
+
+
+def test_misspelt_override_names_command_line(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.yaml", "data:\n  train: [a]\n")
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'train\.learning_rate'"):
+        load_config(path, ["train.learning_rate=1"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(path, ["train.lr"])
+
+
+def test_wrong_type_names_key(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.yaml", "data:\n  train: [a]\ntrain:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match=r"invalid value for 'train\.epochs'.*many"):
+        load_config(path)
+
+
+def test_out_of_range_and_choices(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.yaml", "data:\n  train: [a]\n")
+    with pytest.raises(ConfigError, match=r"'moe\.drop_path' must be in \[0, 1\), got 1\.5"):
+        load_config(path, ["moe.drop_path=1.5"])
+    with pytest.raises(ConfigError, match=r"'data\.sampler' must be one of .* got 'unifrom' "
+                       r"\(did you mean 'uniform'\?\)"):
+        load_config(path, ["data.sampler=unifrom"])
+    with pytest.raises(ConfigError, match=r"'train\.batch_size' must be > 0, got 0"):
+        load_config(path, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"'model\.decoder_ffn' must have one entry per decoder"):
+        load_config(path, ["model.dec_layers=2"])
+    with pytest.raises(ConfigError, match=r"divisible by model\.nheads"):
+        load_config(path, ["model.d_model=100"])
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.yaml", "data:\n  train: [a\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+:\d+: invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_base_cycle_is_reported(tmp_path: Path) -> None:
+    _write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    _write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def _moe_cfg(tmp_path: Path, extra: str) -> Path:
+    text = (
+        "data:\n  train: [a, b, c]\nmodel:\n  dec_layers: 2\n  decoder_ffn: [moe, dense]\n"
+        "moe:\n  num_experts: 2\n" + extra
+    )
+    return _write(tmp_path / "m.yaml", text)
+
+
+def test_expert_map_validation(tmp_path: Path) -> None:
+    ok = load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 1, c: 1}\n"))
+    assert ok.moe.expert_map == {"a": 0, "b": 1, "c": 1}  # datasets may share an expert
+    with pytest.raises(ConfigError, match=r"training dataset 'c' has no expert"):
+        load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 1}\n"))
+    with pytest.raises(ConfigError, match=r"'moe\.expert_map\.b' = 2 is out of range"):
+        load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 2, c: 1}\n"))
+    with pytest.raises(ConfigError, match=r"unknown dataset 'cc'; did you mean 'c'"):
+        load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 1, c: 1, cc: 0}\n"))
+    # the balance-loss baseline needs no map
+    load_config(_moe_cfg(tmp_path, "  loss: switch\n"))
+
+
+def test_round_trip_through_saved_yaml(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.yaml", "data:\n  train: [a]\n")
+    cfg = load_config(path, ["moe.num_experts=4", "data.limited={a: 10}"])
+    saved = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(saved)
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_every_shipped_config_loads() -> None:
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert default_config_path() in paths
+    for path in paths:
+        if path.parent.name == "base":
+            continue  # bases are partial (no datasets)
+        cfg = load_config(path)
+        assert isinstance(cfg, Config)
