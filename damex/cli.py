@@ -1,0 +1,243 @@
+"""The single entry point: ``damex <command> ...``; ``tools/*.py`` call into it.
+
+Commands import their heavy dependencies lazily so ``damex --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from damex.errors import DamexError
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("damex")
+
+_CONFIG_HELP = (
+    "YAML config (default: the built-in benchmark's DAMEX config, "
+    "configs/synthetic/damex_small.yaml)"
+)
+_OVERRIDES_HELP = (
+    "config overrides as key=value (YAML values), e.g. train.lr=2e-4 "
+    "'data.train=[coco, voc07]' moe.num_experts=4"
+)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=None, help=_CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="damex",
+        description=(
+            "DAMEX: a DINO detector whose decoder FFNs are dataset-aware mixtures of experts, "
+            "trained on a mixture of datasets."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a detector (default: DAMEX on the built-in benchmark), evaluate it, "
+        "and write the routing report",
+        description=(
+            "Train with a config. With no arguments this trains the small DAMEX config on the "
+            "built-in synthetic benchmark (generated on first use), evaluates AP per dataset and "
+            "writes the expert-routing report. Under torchrun it runs distributed (DDP)."
+        ),
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue exactly from a checkpoint (default: OUTPUT_DIR/last.pth)",
+    )
+    p.add_argument("--no-report", action="store_true", help="skip the routing report at the end")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="COCO AP per dataset for a checkpoint",
+        description="Per-dataset COCO AP/AP50/AP75/APs/APm/APl/AR100 and their mean; writes "
+        "results.json, results.md and detections with native category ids.",
+    )
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="a .pth written by train")
+    p.add_argument("--datasets", nargs="+", default=None, help="subset of the test datasets")
+    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
+    p.add_argument(
+        "--restrict",
+        action="store_true",
+        help="also report the oracle that restricts scores to each image's dataset labels",
+    )
+
+    p = sub.add_parser(
+        "visualize-routing",
+        help="datasets x experts heatmaps, routing accuracy and per-image overlays (HTML report)",
+    )
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default=None, help="report folder (default: next to the checkpoint)")
+    p.add_argument(
+        "--tokens",
+        default=None,
+        choices=["all", "matching_only", "foreground", "exclude_dn"],
+        help="which decoder tokens to count (default: eval.routing_tokens)",
+    )
+
+    p = sub.add_parser("demo", help="draw detections on an image or a folder of images")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--out", required=True, help="folder for the annotated images")
+    p.add_argument("--score-threshold", type=float, default=0.3)
+
+    p = sub.add_parser("config", help="print the resolved config (after _base_ and overrides)")
+    _add_config_args(p)
+
+    p = sub.add_parser("make-synthetic", help="generate the built-in multi-domain benchmark")
+    p.add_argument("--out", default="data/synthetic", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies every image count")
+    p.add_argument("--image-size", type=int, default=256, help="longest image side in pixels")
+
+    p = sub.add_parser("benchmark", help="speed benchmarks: moe | model")
+    p.add_argument("what", choices=["moe", "model"])
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    return parser
+
+
+def _load(args: argparse.Namespace):  # -> Config
+    from damex.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # config errors first, before the heavy imports
+    from damex.engine.trainer import train
+
+    result = train(cfg, resume=args.resume or False)
+    if not args.no_report and result.is_main_process and cfg.uses_moe:
+        from damex.engine.report import visualize_routing
+
+        report = visualize_routing(cfg, result.checkpoint, Path(cfg.output.dir) / "routing")
+        print(f"routing report: {report}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from damex.engine.report import evaluate_checkpoint
+
+    results = evaluate_checkpoint(
+        cfg, args.checkpoint, datasets=args.datasets, out_dir=args.out, restrict=args.restrict
+    )
+    print(results.to_markdown())
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from damex.engine.report import visualize_routing
+
+    out = args.out or str(Path(args.checkpoint).resolve().parent / "routing")
+    report = visualize_routing(cfg, args.checkpoint, out, tokens=args.tokens)
+    print(f"routing report: {report}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from damex.engine.report import run_demo
+
+    written = run_demo(cfg, args.checkpoint, args.input, args.out, args.score_threshold)
+    print(f"wrote {len(written)} annotated image(s) to {args.out}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from damex.config import config_to_yaml
+
+    print(config_to_yaml(_load(args)), end="")
+    return 0
+
+
+def _cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from damex.data.synthetic import generate_benchmark
+
+    summary = generate_benchmark(
+        Path(args.out), seed=args.seed, scale=args.scale, image_size=args.image_size
+    )
+    print(summary if isinstance(summary, str) else _format_summary(summary))
+    return 0
+
+
+def _format_summary(summary: object) -> str:
+    import json
+
+    return json.dumps(summary, indent=2, default=str)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    if args.what == "moe":
+        from damex.moe.bench import format_moe_table, run_moe_benchmark
+
+        kwargs = {}
+        if args.quick:
+            kwargs = {"tokens": (1800, 3600), "experts": (0, 2, 8, 16), "repeats": 3}
+        table = format_moe_table(run_moe_benchmark(**kwargs))
+    else:
+        from damex.modeling.bench import format_model_table, run_model_benchmark
+
+        table = format_model_table(run_model_benchmark(quick=args.quick))
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "visualize-routing": _cmd_visualize,
+    "demo": _cmd_demo,
+    "config": _cmd_config,
+    "make-synthetic": _cmd_make_synthetic,
+    "benchmark": _cmd_benchmark,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns the process exit code (2 for a user error, with its message)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _COMMANDS[args.command](args)
+    except DamexError as exc:
+        print(f"damex {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"damex {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""`damex train` — see `python tools/train.py --help`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout
+
+from damex.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
