@@ -1,0 +1,173 @@
+"""Parameter groups and closed-form learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from damex.config import TrainConfig
+from damex.engine.optim import LRScheduler, build_optimizer, build_param_groups, build_scheduler
+
+
+class _Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sampling_offsets = nn.Linear(4, 4)
+        self.value_proj = nn.Linear(4, 4)
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.attn = _Attn()
+        self.reference_points = nn.Linear(4, 2)
+        self.query_embed = nn.Embedding(5, 4)
+        self.norm = nn.LayerNorm(4)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def _names(model: nn.Module, group: dict) -> set[str]:
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_param_groups_split_backbone_linear_proj_default() -> None:
+    m = _Tiny()
+    groups = build_param_groups(
+        m, lr=1e-3, lr_backbone=1e-5, lr_linear_proj_mult=0.1, weight_decay=1e-4
+    )
+    by = {g["name"]: g for g in groups}
+    assert set(by) == {"default", "backbone", "linear_proj"}
+    assert _names(m, by["backbone"]) == {
+        "backbone.0.weight",
+        "backbone.0.bias",
+        "backbone.1.weight",
+        "backbone.1.bias",
+    }
+    assert _names(m, by["linear_proj"]) == {
+        "attn.sampling_offsets.weight",
+        "attn.sampling_offsets.bias",
+        "reference_points.weight",
+        "reference_points.bias",
+    }
+    assert by["backbone"]["lr"] == 1e-5
+    assert by["linear_proj"]["lr"] == pytest.approx(1e-4)
+    assert by["default"]["lr"] == 1e-3
+    # DINO default: weight decay on everything, frozen params excluded
+    assert all(g["weight_decay"] == 1e-4 for g in groups)
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids))
+    assert set(all_ids) == {id(p) for p in m.parameters() if p.requires_grad}
+
+
+def test_no_decay_groups_hold_norms_biases_embeddings() -> None:
+    m = _Tiny()
+    groups = build_param_groups(
+        m, lr=1e-3, lr_backbone=1e-5, weight_decay=0.05, no_decay_norm_bias=True
+    )
+    by = {g["name"]: g for g in groups}
+    nd = _names(m, by["default_no_decay"])
+    assert {"query_embed.weight", "norm.weight", "norm.bias", "attn.value_proj.bias"} <= nd
+    assert "attn.value_proj.weight" in _names(m, by["default"])
+    assert by["default_no_decay"]["weight_decay"] == 0.0
+    assert by["backbone_no_decay"]["lr"] == 1e-5
+
+
+def test_build_optimizer_uses_config() -> None:
+    cfg = TrainConfig(lr=2e-4, lr_backbone=2e-5, weight_decay=0.01)
+    opt = build_optimizer(_Tiny(), cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"default": 2e-4, "backbone": 2e-5, "linear_proj": 2e-4}
+
+
+def _opt(lr: float = 1.0) -> torch.optim.Optimizer:
+    p = nn.Parameter(torch.zeros(1))
+    q = nn.Parameter(torch.zeros(1))
+    return torch.optim.SGD(
+        [{"params": [p], "lr": lr, "initial_lr": lr}, {"params": [q], "lr": 0.1, "initial_lr": 0.1}]
+    )
+
+
+def _lrs(sched: LRScheduler, n: int, elapsed=None) -> list[float]:
+    out = []
+    for i in range(n):
+        out.append(sched.get_last_lr()[0])
+        sched.step(None if elapsed is None else elapsed(i + 1))
+    return out
+
+
+def test_step_schedule_reproduces_official_q8_drops() -> None:
+    # lr_drop=11 with 36 epochs: x0.1 at epochs 11, 22 and 33 (spec Q8)
+    s = LRScheduler(_opt(), schedule="step", iters_per_epoch=2, lr_drop=11, gamma=0.1)
+    lrs = _lrs(s, 72)
+    for i, lr in enumerate(lrs):
+        epoch = i // 2
+        assert lr == pytest.approx(0.1 ** (epoch // 11)), i
+    assert lrs[21] == 1.0 and lrs[22] == pytest.approx(0.1) and lrs[66] == pytest.approx(1e-3)
+    assert s.get_last_lr()[1] == pytest.approx(0.1 * 0.1 ** (36 // 11))
+
+
+def test_multistep_and_warmup() -> None:
+    s = LRScheduler(
+        _opt(),
+        schedule="multistep",
+        iters_per_epoch=3,
+        milestones=[2, 4],
+        gamma=0.5,
+        warmup_iters=4,
+    )
+    lrs = _lrs(s, 15)
+    expected = []
+    for i in range(15):
+        warm = min(1.0, (i + 1) / 4)
+        e = i // 3
+        expected.append(warm * 0.5 ** ((e >= 2) + (e >= 4)))
+    assert lrs == pytest.approx(expected)
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_cosine_closed_form() -> None:
+    s = LRScheduler(_opt(2.0), schedule="cosine", total_iters=10)
+    lrs = _lrs(s, 12)
+    for i in range(12):
+        assert lrs[i] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * min(i / 10, 1.0))))
+    assert lrs[5] == pytest.approx(1.0) and lrs[10] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_time_cosine_follows_elapsed_seconds() -> None:
+    s = LRScheduler(_opt(), schedule="time_cosine", time_budget_s=100.0, warmup_iters=2)
+    assert s.get_last_lr()[0] == pytest.approx(0.5)  # warmup step 0, elapsed 0
+    s.step(elapsed_s=25.0)
+    assert s.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    s.set_elapsed(50.0)  # time moves without a step
+    assert s.get_last_lr()[0] == pytest.approx(0.5)
+    s.step(elapsed_s=150.0)
+    assert s.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_scheduler_state_dict_resumes_exactly() -> None:
+    cfg = TrainConfig(schedule="cosine", warmup_iters=3, lr=1.0)
+    o1 = _opt()
+    s1 = build_scheduler(o1, cfg, iters_per_epoch=4, total_iters=20)
+    _lrs(s1, 7)
+    state = s1.state_dict()
+    o2 = _opt()
+    s2 = build_scheduler(o2, cfg, iters_per_epoch=4, total_iters=20)
+    s2.load_state_dict(state)
+    assert s2.get_last_lr() == s1.get_last_lr()
+    assert _lrs(s2, 10) == _lrs(s1, 10)
+
+
+def test_scheduler_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="time_budget_min"):
+        LRScheduler(_opt(), schedule="time_cosine", time_budget_s=0.0)
+    with pytest.raises(ValueError, match="train.schedule"):
+        LRScheduler(_opt(), schedule="poly")
+    with pytest.raises(ValueError, match="lr_drop"):
+        LRScheduler(_opt(), schedule="step", lr_drop=0)
