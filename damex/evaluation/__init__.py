@@ -1,0 +1,21 @@
+"""Evaluation: per-dataset COCO AP (``coco_eval``) and routing statistics (``routing``)."""
+
+from damex.evaluation.coco_eval import (
+    STAT_NAMES,
+    DatasetMetrics,
+    EvalResults,
+    MultiDatasetEvaluator,
+    detections_to_coco,
+    evaluate_dataset,
+    load_coco_gt,
+)
+
+__all__ = [
+    "STAT_NAMES",
+    "DatasetMetrics",
+    "EvalResults",
+    "MultiDatasetEvaluator",
+    "detections_to_coco",
+    "evaluate_dataset",
+    "load_coco_gt",
+]
