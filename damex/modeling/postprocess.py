@@ -1,0 +1,132 @@
+"""Model output -> per-image ``Detections`` in pixels of the original image (DINO ``PostProcess``).
+
+DINO takes the top ``num_select`` (query, class) pairs over all Q x K sigmoid scores, with no NMS
+(spec §2.1, §5). Optionally (an oracle that uses the dataset identity, reported separately) the
+scores of classes outside the image's dataset slice are removed before the top-K.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from damex.config import Config
+from damex.modeling.outputs import Prediction
+from damex.structures import Detections, denormalize_boxes
+
+__all__ = ["PostProcess", "build_postprocess"]
+
+
+class PostProcess(nn.Module):
+    """Top-K (query, class) selection and box rescaling.
+
+    Args:
+        num_select: detections kept per image (at most ``Q * K``, or the number of allowed
+            (query, class) pairs under the restriction).
+        restrict_to_dataset_labels: keep only classes of the image's dataset slice (needs
+            ``dataset_slices`` at call time).
+    """
+
+    def __init__(self, *, num_select: int = 300, restrict_to_dataset_labels: bool = False) -> None:
+        super().__init__()
+        if num_select < 1:
+            raise ValueError(f"num_select must be >= 1, got {num_select}")
+        self.num_select = int(num_select)
+        self.restrict_to_dataset_labels = bool(restrict_to_dataset_labels)
+
+    @staticmethod
+    def _allowed(slices: list[Tensor], num_classes: int, device: torch.device) -> Tensor:
+        """``bool`` ``[B, K]`` from per-image label index lists or ``[K]`` bool masks."""
+        rows = []
+        for b, s in enumerate(slices):
+            s = torch.as_tensor(s, device=device)
+            if s.dtype == torch.bool:
+                if s.shape != (num_classes,):
+                    raise ValueError(
+                        f"dataset_slices[{b}] as a mask must be [K={num_classes}], "
+                        f"got {tuple(s.shape)}"
+                    )
+                rows.append(s)
+                continue
+            s = s.long().flatten()
+            if s.numel() and (int(s.min()) < 0 or int(s.max()) >= num_classes):
+                raise ValueError(
+                    f"dataset_slices[{b}] labels must be in [0, {num_classes}), "
+                    f"got [{int(s.min())}, {int(s.max())}]"
+                )
+            row = torch.zeros(num_classes, dtype=torch.bool, device=device)
+            row[s] = True
+            rows.append(row)
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        out_pred: Prediction,
+        batch_orig_sizes: Tensor,
+        dataset_slices: list[Tensor] | None = None,
+    ) -> list[Detections]:
+        """Select detections.
+
+        Args:
+            out_pred: ``[B, Q, K]`` logits and ``[B, Q, 4]`` ``cxcywh`` boxes normalized to the
+                unpadded image (which is the original image up to scale).
+            batch_orig_sizes: ``[B, 2]`` original ``(height, width)`` in pixels.
+            dataset_slices: per image, the unified labels of its dataset (``int64`` indices or a
+                ``bool`` ``[K]`` mask); used only when ``restrict_to_dataset_labels``.
+
+        Returns:
+            ``B`` ``Detections`` sorted by descending score: ``xyxy`` boxes in original-image
+            pixels clamped to the image, sigmoid scores, labels, and the query each came from.
+        """
+        logits, boxes = out_pred.logits, out_pred.boxes
+        if logits.ndim != 3 or boxes.shape != (*logits.shape[:2], 4):
+            raise ValueError(
+                f"postprocess expects logits [B, Q, K] and boxes [B, Q, 4], got "
+                f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
+            )
+        bsz, num_queries, num_classes = logits.shape
+        if tuple(batch_orig_sizes.shape) != (bsz, 2):
+            raise ValueError(
+                f"batch_orig_sizes must be [B={bsz}, 2], got {tuple(batch_orig_sizes.shape)}"
+            )
+        scores = logits.float().sigmoid()  # [B, Q, K]
+        allowed = None
+        if self.restrict_to_dataset_labels:
+            if dataset_slices is None or len(dataset_slices) != bsz:
+                got = None if dataset_slices is None else len(dataset_slices)
+                raise ValueError(
+                    f"restrict_to_dataset_labels needs {bsz} dataset_slices, got {got}"
+                )
+            allowed = self._allowed(dataset_slices, num_classes, logits.device)  # [B, K]
+            scores = scores.masked_fill(~allowed[:, None, :], -1.0)  # below any sigmoid
+        k = min(self.num_select, num_queries * num_classes)
+        top_scores, top_idx = scores.flatten(1).topk(k, dim=1)  # [B, k]
+        query = torch.div(top_idx, num_classes, rounding_mode="floor")  # [B, k]
+        labels = top_idx % num_classes
+        sel_boxes = torch.gather(boxes.float(), 1, query[..., None].expand(-1, -1, 4))  # [B, k, 4]
+        sizes = batch_orig_sizes.to(device=sel_boxes.device, dtype=sel_boxes.dtype)
+        h, w = sizes[:, 0:1], sizes[:, 1:2]  # [B, 1]
+        xyxy = denormalize_boxes(sel_boxes, h, w)  # [B, k, 4]
+        upper = torch.stack((w, h, w, h), dim=-1)  # [B, 1, 4]
+        xyxy = torch.minimum(xyxy.clamp(min=0), upper)
+        results = []
+        for b in range(bsz):
+            keep = top_scores[b] >= 0  # drops the masked-out pairs under the restriction
+            results.append(
+                Detections(
+                    boxes=xyxy[b][keep],
+                    scores=top_scores[b][keep],
+                    labels=labels[b][keep],
+                    query_index=query[b][keep],
+                )
+            )
+        return results
+
+
+def build_postprocess(cfg: Config) -> PostProcess:
+    """The post-processor of a run (``cfg.eval.num_select``, ``restrict_to_dataset_labels``)."""
+    return PostProcess(
+        num_select=cfg.eval.num_select,
+        restrict_to_dataset_labels=cfg.eval.restrict_to_dataset_labels,
+    )
