@@ -1,0 +1,685 @@
+"""DINO set criterion (focal / L1 / GIoU on matched pairs; aux, interm, DN, one-to-many and
+dense branches) plus the MoE losses computed from ``DetectorOutput.routing``.
+
+Formulas (spec §2.1, §3):
+- class: sigmoid focal loss (alpha, gamma) summed over all (query, class) entries and divided by
+  ``num_boxes``. This equals DINO's ``sigmoid_focal_loss(...).mean(1).sum() / num_boxes * Q``.
+- boxes: L1 on normalized ``cxcywh`` and ``1 - GIoU``, summed over matched pairs / ``num_boxes``.
+- ``num_boxes``: GT boxes in the batch, averaged over processes (all_reduce) and clamped >= 1;
+  times ``num_groups`` for DN and times ``k`` for the one-to-many branch.
+- MoE: DAMEX cross-entropy between router logits and the image's expert on a token selection, or
+  a balance loss (load+importance / Switch) on a token selection, averaged over MoE layers, plus an
+  optional router z-loss on all tokens.
+
+The returned dict:
+- ``loss_<term><suffix>``: weighted terms (already multiplied by the term weight and the branch
+  weight); ``term`` in class / bbox / giou / moe / z. Suffixes: none (final decoder layer),
+  ``_<i>`` (aux layer i), ``_interm`` (encoder proposals), ``_dn`` / ``_dn_<i>`` (denoising),
+  ``_o2m`` / ``_o2m_<i>`` (one-to-many branch), ``_dense`` (dense auxiliary head).
+- ``loss``: the sum of every ``loss_*`` term (what to back-propagate).
+- keys with a ``/`` are detached statistics for logging, never summed:
+  ``unweighted/loss_{class,bbox,giou,moe,z}`` (final-layer terms before weighting),
+  ``stat/num_boxes`` and, with MoE layers, ``stat/route_acc`` (fraction of the DAMEX-selected
+  tokens whose top-1 clean logit is the image's expert; over the balance tokens otherwise, with
+  images of expert -1 left out). ``SetCriterion.weight_of(key)`` gives the factor of any term.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from damex.config import Config
+from damex.modeling.box_ops import paired_generalized_box_iou
+from damex.modeling.matcher import HungarianMatcher, MatchIndices, dn_positive_indices, dn_slot_mask
+from damex.modeling.outputs import DenseOutput, DetectorOutput, Prediction, TokenKind
+from damex.moe.types import RoutingInfo
+from damex.structures import Batch, Target, box_cxcywh_to_xyxy
+
+__all__ = [
+    "SetCriterion",
+    "build_criterion",
+    "foreground_mask",
+    "select_tokens",
+    "fcos_assign",
+    "MOE_LOSSES",
+    "TOKEN_MODES",
+]
+
+logger = logging.getLogger(__name__)
+
+MOE_LOSSES = ("damex", "load_importance", "load_importance_corrected", "switch", "none")
+TOKEN_MODES = ("all", "matching_only", "foreground", "exclude_dn")
+
+
+# ------------------------------------------------------------------------- token selection
+def foreground_mask(
+    indices: list[MatchIndices], num_queries: int, *, device: torch.device | str | None = None
+) -> Tensor:
+    """Matched (foreground) matching queries from the Hungarian indices.
+
+    Taken from the matcher's query indices, not from the class targets (spec Q13: DINO's
+    ``argmax(onehot) != 0`` cannot tell class 0 from background).
+
+    Args:
+        indices: per image ``(query_idx, gt_idx)``.
+        num_queries: Q.
+        device: device of the result.
+
+    Returns:
+        ``bool`` ``[B, Q]``.
+    """
+    fg = torch.zeros(len(indices), num_queries, dtype=torch.bool)
+    for b, (q, _) in enumerate(indices):
+        fg[b, q] = True
+    return fg.to(device) if device is not None else fg
+
+
+def select_tokens(info: RoutingInfo, mode: str, foreground: Tensor | None = None) -> Tensor:
+    """Which routed tokens a MoE loss uses.
+
+    Modes (spec §3.3): ``all`` every decoder token (matching, DN, DN padding, one-to-many: the
+    official DAMEX default); ``matching_only`` the matching queries (foreground and background);
+    ``foreground`` the matching queries matched by the final layer's Hungarian matching;
+    ``exclude_dn`` everything but DN and DN padding tokens.
+
+    Args:
+        info: one MoE layer's routing; ``token_kind`` / ``token_query`` are needed for every mode
+            but ``all``.
+        mode: one of ``TOKEN_MODES``.
+        foreground: ``bool`` ``[B, Q]`` (see ``foreground_mask``), needed for ``foreground``.
+
+    Returns:
+        ``bool`` ``[T]``.
+    """
+    if mode not in TOKEN_MODES:
+        raise ValueError(f"token selection must be one of {TOKEN_MODES}, got {mode!r}")
+    num_tokens = info.logits.shape[0]
+    device = info.logits.device
+    if mode == "all":
+        return torch.ones(num_tokens, dtype=torch.bool, device=device)
+    if info.token_kind is None:
+        raise ValueError(f"token selection {mode!r} needs RoutingInfo.token_kind, got None")
+    kind = info.token_kind.to(device)
+    if mode == "matching_only":
+        return kind == TokenKind.MATCHING
+    if mode == "exclude_dn":
+        return (kind != TokenKind.DN) & (kind != TokenKind.DN_PAD)
+    # foreground
+    if foreground is None or info.token_query is None:
+        raise ValueError("token selection 'foreground' needs the foreground mask and token_query")
+    foreground = foreground.to(device)
+    matching = kind == TokenKind.MATCHING
+    query = info.token_query.to(device)
+    if bool(matching.any()) and int(query[matching].max()) >= foreground.shape[1]:
+        raise ValueError(
+            f"RoutingInfo.token_query reaches {int(query[matching].max())} but the foreground "
+            f"mask has {foreground.shape[1]} queries"
+        )
+    image = info.token_image.to(device)
+    fg = foreground[image, query.clamp(min=0)]  # [T]
+    return matching & fg
+
+
+# ---------------------------------------------------------------------- dense assignment
+def fcos_assign(
+    points: Tensor,
+    strides: Tensor,
+    valid: Tensor,
+    gt_boxes_xyxy: Tensor,
+    *,
+    center_radius: float = 1.5,
+) -> Tensor:
+    """FCOS-style positive assignment of locations to GT boxes (Tian et al. 2019), one image.
+
+    A location is a candidate for a GT box when it lies inside the box, within
+    ``center_radius * stride`` of the box center (center sampling) and the box's largest
+    regression distance ``max(l, t, r, b)`` is in its level's range: ``[4s, 8s]`` for stride s
+    (FCOS: 0-64 at s=8, 64-128 at s=16, ...), open-ended at the smallest and largest stride.
+    Ties go to the GT box of smallest area. A GT box with no candidate gets the nearest valid
+    unassigned location (so tiny boxes are never left unsupervised).
+
+    Args:
+        points: ``[S, 2]`` location centers ``(x, y)`` in pixels.
+        strides: ``[S]`` stride of each location's level, in pixels.
+        valid: ``bool`` ``[S]``.
+        gt_boxes_xyxy: ``[N, 4]`` in pixels.
+        center_radius: center-sampling radius in strides.
+
+    Returns:
+        ``int64`` ``[S]``: the assigned GT index, -1 for negatives.
+    """
+    num_loc = points.shape[0]
+    assigned = torch.full((num_loc,), -1, dtype=torch.long, device=points.device)
+    if gt_boxes_xyxy.shape[0] == 0 or num_loc == 0:
+        return assigned
+    px, py = points[:, 0:1], points[:, 1:2]  # [S, 1]
+    x1, y1, x2, y2 = gt_boxes_xyxy.unbind(-1)  # [N]
+    ltrb = torch.stack((px - x1, py - y1, x2 - px, y2 - py), dim=-1)  # [S, N, 4]
+    inside = ltrb.amin(-1) > 0
+    stride = strides.to(points.dtype)[:, None]  # [S, 1]
+    radius = center_radius * stride
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    central = ((px - cx).abs() < radius) & ((py - cy).abs() < radius)  # [S, N]
+    levels = torch.unique(strides)
+    lo = torch.where(strides == levels.min(), torch.zeros_like(stride[:, 0]), 4 * stride[:, 0])
+    hi = torch.where(strides == levels.max(), torch.full_like(lo, math.inf), 8 * stride[:, 0])
+    reach = ltrb.amax(-1)  # [S, N]
+    in_range = (reach >= lo[:, None]) & (reach <= hi[:, None])
+    cand = inside & central & in_range & valid[:, None]
+    area = ((x2 - x1) * (y2 - y1))[None, :].expand(num_loc, -1)  # [S, N]
+    cost = torch.where(cand, area, torch.full_like(area, math.inf))
+    best_cost, best_gt = cost.min(dim=1)  # [S]
+    has = torch.isfinite(best_cost)
+    assigned[has] = best_gt[has]
+    # fallback for GT boxes without a single candidate: nearest valid free location
+    covered = torch.zeros(gt_boxes_xyxy.shape[0], dtype=torch.bool, device=points.device)
+    covered[assigned[has]] = True
+    for j in torch.nonzero(~covered).flatten().tolist():
+        dist2 = (px[:, 0] - cx[j]) ** 2 + (py[:, 0] - cy[j]) ** 2  # [S]
+        dist2 = torch.where(valid & (assigned < 0), dist2, torch.full_like(dist2, math.inf))
+        k = int(dist2.argmin())
+        if math.isfinite(float(dist2[k])):
+            assigned[k] = j
+    return assigned
+
+
+# ------------------------------------------------------------------------------ helpers
+def _world_mean(value: float, device: torch.device) -> float:
+    """Average a per-process count over processes (DETR's ``num_boxes``), clamped >= 1."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        value = float(t.item()) / dist.get_world_size()
+    return max(value, 1.0)
+
+
+def _flat_indices(indices: list[MatchIndices], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(batch_idx, query_idx)`` of all matched pairs, ``[M]`` each, on ``device``."""
+    b = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
+    q = torch.cat([q for q, _ in indices])
+    return b.to(device), q.to(device)
+
+
+def _check_pred(pred: Prediction, batch_size: int, num_classes: int, name: str) -> None:
+    lg, bx = pred.logits, pred.boxes
+    if lg.ndim != 3 or lg.shape[0] != batch_size or lg.shape[2] != num_classes:
+        raise ValueError(
+            f"{name}.logits must be [B={batch_size}, N, K={num_classes}], got {tuple(lg.shape)}"
+        )
+    if bx.shape != (*lg.shape[:2], 4):
+        raise ValueError(
+            f"{name}.boxes must be [B, N, 4]={(*lg.shape[:2], 4)}, got {tuple(bx.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------- criterion
+class SetCriterion(nn.Module):
+    """DINO detection losses + MoE losses (see the module docstring for the returned keys).
+
+    Args:
+        num_classes: K, the size of the class head (labels must be < K).
+        matcher: the Hungarian matcher (used for the final, aux, interm and one-to-many sets).
+        class_weight: weight of the focal class loss.
+        bbox_weight: weight of the L1 box loss.
+        giou_weight: weight of the GIoU loss.
+        focal_alpha: focal loss alpha.
+        focal_gamma: focal loss gamma.
+        aux: also supervise the other decoder layers (and every layer of the DN / one-to-many
+            branches); False: final layer only.
+        interm_weight: branch weight of the encoder proposals' losses (0 disables).
+        dn: supervise the denoising queries when the output has them.
+        one_to_many_k: GT repetitions of the one-to-many (H-DETR) branch.
+        one_to_many_weight: its branch weight (0 disables).
+        dense_weight: branch weight of the dense auxiliary head (0 disables).
+        dense_center_radius: FCOS center-sampling radius of the dense head, in strides.
+        moe_loss: ``damex``, a balance loss (``load_importance``, ``load_importance_corrected``,
+            ``switch``) or ``none``.
+        moe_weight: weight of the MoE loss (official 0.1).
+        damex_tokens: tokens of the DAMEX loss (``TOKEN_MODES``; official ``all``).
+        damex_logits: ``clean`` (official) or ``noisy`` router logits for DAMEX.
+        balance_tokens: tokens of a balance loss (official DINO-MoE: ``foreground``).
+        z_loss_weight: weight of the router z-loss (all tokens; 0 disables).
+        gate_noise: the router's training noise scale (load+importance loss uses it).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        class_weight: float = 1.0,
+        bbox_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        aux: bool = True,
+        interm_weight: float = 1.0,
+        dn: bool = True,
+        one_to_many_k: int = 6,
+        one_to_many_weight: float = 1.0,
+        dense_weight: float = 0.0,
+        dense_center_radius: float = 1.5,
+        moe_loss: str = "damex",
+        moe_weight: float = 0.1,
+        damex_tokens: str = "all",
+        damex_logits: str = "clean",
+        balance_tokens: str = "foreground",
+        z_loss_weight: float = 0.0,
+        gate_noise: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if moe_loss not in MOE_LOSSES:
+            raise ValueError(f"moe_loss must be one of {MOE_LOSSES}, got {moe_loss!r}")
+        for name, mode in (("damex_tokens", damex_tokens), ("balance_tokens", balance_tokens)):
+            if mode not in TOKEN_MODES:
+                raise ValueError(f"{name} must be one of {TOKEN_MODES}, got {mode!r}")
+        if damex_logits not in ("clean", "noisy"):
+            raise ValueError(f"damex_logits must be 'clean' or 'noisy', got {damex_logits!r}")
+        if one_to_many_k < 1:
+            raise ValueError(f"one_to_many_k must be >= 1, got {one_to_many_k}")
+        weights = {
+            "class_weight": class_weight,
+            "bbox_weight": bbox_weight,
+            "giou_weight": giou_weight,
+            "interm_weight": interm_weight,
+            "one_to_many_weight": one_to_many_weight,
+            "dense_weight": dense_weight,
+            "moe_weight": moe_weight,
+            "z_loss_weight": z_loss_weight,
+        }
+        bad = {k: v for k, v in weights.items() if not (v >= 0 and math.isfinite(v))}
+        if bad:
+            raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
+        self.num_classes = int(num_classes)
+        self.matcher = matcher
+        self.term_weights = {"class": class_weight, "bbox": bbox_weight, "giou": giou_weight}
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        self.aux = bool(aux)
+        self.interm_weight = float(interm_weight)
+        self.dn = bool(dn)
+        self.one_to_many_k = int(one_to_many_k)
+        self.one_to_many_weight = float(one_to_many_weight)
+        self.dense_weight = float(dense_weight)
+        self.dense_center_radius = float(dense_center_radius)
+        self.moe_loss = moe_loss
+        self.moe_weight = float(moe_weight)
+        self.damex_tokens = damex_tokens
+        self.damex_logits = damex_logits
+        self.balance_tokens = balance_tokens
+        self.z_loss_weight = float(z_loss_weight)
+        self.gate_noise = float(gate_noise)
+        self._warned_no_routing = False
+
+    # ---------------------------------------------------------------- public helpers
+    def weight_of(self, key: str) -> float:
+        """The factor a ``loss_*`` key was multiplied by (unweighted value = value / factor)."""
+        name = key.removeprefix("loss_")
+        term, _, suffix = name.partition("_")
+        if term == "moe":
+            return self.moe_weight
+        if term == "z":
+            return self.z_loss_weight
+        if term not in self.term_weights:
+            raise KeyError(f"not a loss term key: {key!r}")
+        branch = 1.0
+        if suffix.startswith("interm"):
+            branch = self.interm_weight
+        elif suffix.startswith("o2m"):
+            branch = self.one_to_many_weight
+        elif suffix.startswith("dense"):
+            branch = self.dense_weight
+        return self.term_weights[term] * branch
+
+    # ------------------------------------------------------------------ set losses
+    def set_losses(
+        self,
+        pred: Prediction,
+        targets: list[Target],
+        indices: list[MatchIndices],
+        num_boxes: float,
+        *,
+        slot_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Unweighted class / bbox / giou losses of one prediction set.
+
+        Args:
+            pred: ``[B, N, K]`` logits and ``[B, N, 4]`` boxes.
+            targets: per-image GT.
+            indices: per image ``(query_idx, gt_idx)``; matched queries get their GT's class and
+                box, every other query the "no object" (all-zero) class target.
+            num_boxes: normalizer.
+            slot_mask: ``bool`` ``[B, N]``; False slots are left out of the class loss (DN
+                padding).
+
+        Returns:
+            ``{"class", "bbox", "giou"}`` scalar tensors.
+        """
+        logits = pred.logits.float()  # [B, N, K]
+        device = logits.device
+        b_idx, q_idx = _flat_indices(indices, device)
+        labels = torch.cat(
+            [t.labels[gt.to(t.labels.device)] for t, (_, gt) in zip(targets, indices)]
+        )
+        gt_boxes = torch.cat(
+            [t.boxes[gt.to(t.boxes.device)] for t, (_, gt) in zip(targets, indices)]
+        )
+        onehot = torch.zeros_like(logits)
+        onehot[b_idx, q_idx, labels.to(device)] = 1.0
+        focal = sigmoid_focal_loss(
+            logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+        )  # [B, N, K]
+        if slot_mask is not None:
+            focal = focal * slot_mask[..., None].to(focal.dtype)
+        loss_class = focal.sum() / num_boxes
+        src = pred.boxes.float()[b_idx, q_idx]  # [M, 4]
+        tgt = gt_boxes.to(device=device, dtype=src.dtype)
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        loss_giou = (1.0 - giou).sum() / num_boxes
+        return {"class": loss_class, "bbox": loss_bbox, "giou": loss_giou}
+
+    def _put(
+        self, losses: dict[str, Tensor], terms: dict[str, Tensor], suffix: str, branch: float
+    ) -> None:
+        for term, value in terms.items():
+            losses[f"loss_{term}{suffix}"] = value * (self.term_weights[term] * branch)
+
+    # -------------------------------------------------------------------------- forward
+    def forward(self, out: DetectorOutput, batch: Batch) -> dict[str, Tensor]:
+        """Compute every loss of one batch.
+
+        Args:
+            out: the detector's output.
+            batch: the batch it was computed on (targets ``cxcywh`` normalized, ``expert_ids``).
+
+        Returns:
+            weighted ``loss_*`` terms, their sum under ``loss`` and detached ``unweighted/*`` /
+            ``stat/*`` logging values (see the module docstring).
+        """
+        targets = batch.targets
+        bsz = len(targets)
+        _check_pred(out.pred, bsz, self.num_classes, "pred")
+        device = out.pred.logits.device
+        self._check_labels(targets)
+        num_local = float(sum(int(t.labels.numel()) for t in targets))
+        num_boxes = _world_mean(num_local, device)
+        losses: dict[str, Tensor] = {}
+        stats: dict[str, Tensor] = {"stat/num_boxes": torch.tensor(num_boxes)}
+
+        # final decoder layer
+        final_indices = self.matcher(out.pred.logits, out.pred.boxes, targets)
+        terms = self.set_losses(out.pred, targets, final_indices, num_boxes)
+        self._put(losses, terms, "", 1.0)
+        for term, value in terms.items():
+            stats[f"unweighted/loss_{term}"] = value.detach()
+
+        if self.aux:
+            for i, pred in enumerate(out.aux):
+                _check_pred(pred, bsz, self.num_classes, f"aux[{i}]")
+                idx = self.matcher(pred.logits, pred.boxes, targets)
+                self._put(losses, self.set_losses(pred, targets, idx, num_boxes), f"_{i}", 1.0)
+
+        if out.interm is not None and self.interm_weight > 0:
+            _check_pred(out.interm, bsz, self.num_classes, "interm")
+            idx = self.matcher(out.interm.logits, out.interm.boxes, targets)
+            terms = self.set_losses(out.interm, targets, idx, num_boxes)
+            self._put(losses, terms, "_interm", self.interm_weight)
+
+        if self.dn:
+            self._dn_losses(out, targets, num_boxes, losses)
+
+        if out.one_to_many and self.one_to_many_weight > 0:
+            k = self.one_to_many_k
+            for i, pred in self._layers(out.one_to_many):
+                _check_pred(pred, bsz, self.num_classes, f"one_to_many[{i}]")
+                idx = self.matcher(pred.logits, pred.boxes, targets, repeat=k)
+                terms = self.set_losses(pred, targets, idx, num_boxes * k)
+                suffix = "_o2m" if i == len(out.one_to_many) - 1 else f"_o2m_{i}"
+                self._put(losses, terms, suffix, self.one_to_many_weight)
+
+        if out.dense is not None and self.dense_weight > 0:
+            terms = self.dense_losses(out.dense, targets, batch.image_sizes)
+            self._put(losses, terms, "_dense", self.dense_weight)
+
+        self._moe_losses(out, batch, final_indices, losses, stats)
+
+        total = torch.stack([v for k, v in losses.items() if k.startswith("loss_")]).sum()
+        return {"loss": total, **losses, **stats}
+
+    def _layers(self, preds: list[Prediction]) -> list[tuple[int, Prediction]]:
+        """(layer index, prediction) of the decoder layers to supervise (last = final)."""
+        pairs = list(enumerate(preds))
+        return pairs if self.aux else pairs[-1:]
+
+    def _check_labels(self, targets: list[Target]) -> None:
+        labels = [t.labels for t in targets if t.labels.numel() > 0]
+        if not labels:
+            return
+        cat = torch.cat([lb.to(labels[0].device) for lb in labels])
+        lo, hi = int(cat.min()), int(cat.max())
+        if lo < 0 or hi >= self.num_classes:
+            raise ValueError(
+                f"target labels must be in [0, num_classes={self.num_classes}), got [{lo}, {hi}]"
+            )
+
+    # ------------------------------------------------------------------------- DN
+    def _dn_losses(
+        self,
+        out: DetectorOutput,
+        targets: list[Target],
+        num_boxes: float,
+        losses: dict[str, Tensor],
+    ) -> None:
+        num_layers = len(out.aux) + 1
+        suffixes = [f"_dn_{i}" for i in range(num_layers - 1)] + ["_dn"]
+        if not self.aux:
+            suffixes = suffixes[-1:]
+        meta = out.dn_meta
+        if not out.dn or meta is None:
+            # constant keys across iterations / processes (DINO does the same)
+            zero = out.pred.logits.sum() * 0.0
+            for suffix in suffixes:
+                for term in self.term_weights:
+                    losses[f"loss_{term}{suffix}"] = zero
+            return
+        expected = int(meta.num_groups) * 2 * int(meta.pad_size)
+        if meta.num_gt.tolist() != [int(t.labels.numel()) for t in targets]:
+            raise ValueError(
+                f"dn_meta.num_gt {meta.num_gt.tolist()} does not match the targets' box counts "
+                f"{[int(t.labels.numel()) for t in targets]}"
+            )
+        indices = dn_positive_indices(meta)
+        device = out.pred.logits.device
+        slot_mask = dn_slot_mask(meta, device=device)  # [B, G*2*pad]
+        num_dn = num_boxes * int(meta.num_groups)
+        for i, pred in self._layers(out.dn):
+            _check_pred(pred, len(targets), self.num_classes, f"dn[{i}]")
+            if pred.logits.shape[1] != expected:
+                raise ValueError(
+                    f"dn[{i}] has {pred.logits.shape[1]} queries, dn_meta implies {expected} "
+                    f"(num_groups={meta.num_groups} * 2 * pad_size={meta.pad_size})"
+                )
+            terms = self.set_losses(pred, targets, indices, num_dn, slot_mask=slot_mask)
+            suffix = "_dn" if i == len(out.dn) - 1 else f"_dn_{i}"
+            self._put(losses, terms, suffix, 1.0)
+
+    # ---------------------------------------------------------------------- dense head
+    def dense_losses(
+        self, dense: DenseOutput, targets: list[Target], image_sizes: Tensor
+    ) -> dict[str, Tensor]:
+        """Unweighted losses of the dense auxiliary head (FCOS-style assignment, ``fcos_assign``).
+
+        Class: focal loss over valid locations / #positives (one-hot of the assigned GT's
+        label, all-zero for negatives). Boxes: L1 + (1 - GIoU) on positives / #positives.
+        ``points`` are taken in the boxes' frame (normalized to each image's unpadded size).
+
+        Args:
+            dense: the head's outputs.
+            targets: per-image GT.
+            image_sizes: ``[B, 2]`` unpadded ``(height, width)`` in pixels.
+
+        Returns:
+            ``{"class", "bbox", "giou"}`` scalar tensors.
+        """
+        logits = dense.logits.float()  # [B, S, K]
+        bsz, num_loc, _ = logits.shape
+        device = logits.device
+        points = dense.points if dense.points.ndim == 3 else dense.points[None].expand(bsz, -1, -1)
+        onehot = torch.zeros_like(logits)
+        pos_b: list[Tensor] = []
+        pos_s: list[Tensor] = []
+        gt_boxes: list[Tensor] = []
+        for b, tgt in enumerate(targets):
+            h, w = (float(v) for v in image_sizes[b].tolist())
+            scale = torch.tensor([w, h], device=device, dtype=logits.dtype)
+            pts_px = points[b].to(device=device, dtype=logits.dtype) * scale  # [S, 2]
+            boxes_px = box_cxcywh_to_xyxy(tgt.boxes.to(device).float()) * scale.repeat(2)
+            assigned = fcos_assign(
+                pts_px,
+                dense.strides.to(device),
+                dense.valid[b].to(device),
+                boxes_px,
+                center_radius=self.dense_center_radius,
+            )
+            pos = torch.nonzero(assigned >= 0).flatten()
+            gt = assigned[pos]
+            onehot[b, pos, tgt.labels.to(device)[gt]] = 1.0
+            pos_b.append(torch.full_like(pos, b))
+            pos_s.append(pos)
+            gt_boxes.append(tgt.boxes.to(device).float()[gt])
+        num_pos = _world_mean(float(sum(p.numel() for p in pos_s)), device)
+        focal = sigmoid_focal_loss(
+            logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+        )
+        focal = focal * dense.valid.to(device)[..., None].to(focal.dtype)
+        b_idx, s_idx = torch.cat(pos_b), torch.cat(pos_s)
+        src = dense.boxes.float()[b_idx, s_idx]  # [P, 4]
+        tgt_boxes = torch.cat(gt_boxes)
+        giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt_boxes))
+        return {
+            "class": focal.sum() / num_pos,
+            "bbox": F.l1_loss(src, tgt_boxes, reduction="sum") / num_pos,
+            "giou": (1.0 - giou).sum() / num_pos,
+        }
+
+    # ---------------------------------------------------------------------------- MoE
+    def _moe_losses(
+        self,
+        out: DetectorOutput,
+        batch: Batch,
+        final_indices: list[MatchIndices],
+        losses: dict[str, Tensor],
+        stats: dict[str, Tensor],
+    ) -> None:
+        routing = out.routing
+        wants = self.moe_loss != "none" or self.z_loss_weight > 0
+        if not routing:
+            if wants and not self._warned_no_routing:
+                logger.warning(
+                    "criterion: moe_loss=%r but the output has no routing info", self.moe_loss
+                )
+                self._warned_no_routing = True
+            return
+        from damex.moe import losses as moe_losses  # the MoE package's loss functions
+
+        expert_ids = batch.expert_ids.to(routing[0].logits.device)
+        num_experts = routing[0].num_experts
+        if bool((expert_ids >= num_experts).any()):
+            raise ValueError(
+                f"batch.expert_ids {expert_ids.tolist()} must be < num_experts={num_experts}"
+            )
+        mode = self.damex_tokens if self.moe_loss == "damex" else self.balance_tokens
+        needs_fg = mode == "foreground"
+        fg = foreground_mask(final_indices, out.pred.logits.shape[1]) if needs_fg else None
+        masks = [select_tokens(info, mode, fg) for info in routing]
+
+        if self.moe_loss == "damex":
+            # images of datasets without an expert (-1) are left out of the DAMEX targets
+            masks = [m & (expert_ids[info.token_image] >= 0) for m, info in zip(masks, routing)]
+            value = moe_losses.damex_loss(
+                routing, expert_ids, token_mask=masks, use_noisy=self.damex_logits == "noisy"
+            )
+        elif self.moe_loss in ("load_importance", "load_importance_corrected"):
+            variant = "tutel" if self.moe_loss == "load_importance" else "corrected"
+            value = torch.stack(
+                [
+                    moe_losses.load_importance_loss(
+                        info, token_mask=m, variant=variant, gate_noise=self.gate_noise
+                    )
+                    for info, m in zip(routing, masks)
+                ]
+            ).mean()
+        elif self.moe_loss == "switch":
+            value = torch.stack(
+                [moe_losses.switch_loss(info, token_mask=m) for info, m in zip(routing, masks)]
+            ).mean()
+        else:
+            value = None
+        if value is not None:
+            losses["loss_moe"] = value * self.moe_weight
+            stats["unweighted/loss_moe"] = value.detach()
+        if self.z_loss_weight > 0:
+            z = torch.stack([moe_losses.router_z_loss(info) for info in routing]).mean()
+            losses["loss_z"] = z * self.z_loss_weight
+            stats["unweighted/loss_z"] = z.detach()
+        stats["stat/route_acc"] = self._route_acc(routing, masks, expert_ids)
+
+    @staticmethod
+    @torch.no_grad()
+    def _route_acc(routing: list[RoutingInfo], masks: list[Tensor], expert_ids: Tensor) -> Tensor:
+        hits, count = 0.0, 0.0
+        for info, m in zip(routing, masks):
+            target = expert_ids[info.token_image]  # [T]
+            sel = m & (target >= 0)
+            hits += float((info.logits.argmax(-1) == target)[sel].sum())
+            count += float(sel.sum())
+        return torch.tensor(hits / count if count > 0 else float("nan"))
+
+
+# --------------------------------------------------------------------------------- build
+def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
+    """The criterion of a run: ``cfg.model.loss`` / ``dn`` / ``accel`` and ``cfg.moe``.
+
+    The MoE loss is ``none`` when no decoder layer is MoE (``cfg.uses_moe`` is False).
+    """
+    loss = cfg.model.loss
+    accel = cfg.model.accel
+    matcher = HungarianMatcher(
+        cost_class=loss.match_class,
+        cost_bbox=loss.match_bbox,
+        cost_giou=loss.match_giou,
+        focal_alpha=loss.focal_alpha,
+        focal_gamma=loss.focal_gamma,
+    )
+    return SetCriterion(
+        num_classes=num_classes,
+        matcher=matcher,
+        class_weight=loss.class_weight,
+        bbox_weight=loss.bbox_weight,
+        giou_weight=loss.giou_weight,
+        focal_alpha=loss.focal_alpha,
+        focal_gamma=loss.focal_gamma,
+        aux=loss.aux,
+        interm_weight=loss.interm_weight,
+        dn=cfg.model.dn.enabled,
+        one_to_many_k=accel.one_to_many_k,
+        one_to_many_weight=accel.one_to_many_weight if accel.one_to_many else 0.0,
+        dense_weight=accel.dense_head_weight if accel.dense_head else 0.0,
+        moe_loss=cfg.moe.loss if cfg.uses_moe else "none",
+        moe_weight=cfg.moe.loss_weight,
+        damex_tokens=cfg.moe.damex_tokens,
+        damex_logits=cfg.moe.damex_logits,
+        balance_tokens=cfg.moe.balance_tokens,
+        z_loss_weight=cfg.moe.z_loss_weight if cfg.uses_moe else 0.0,
+        gate_noise=cfg.moe.gate_noise,
+    )
