@@ -1,0 +1,155 @@
+"""Multi-scale deformable attention against a naive float64 reference written from the formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from damex.modeling.deform_attn import MSDeformAttn, ms_deform_attn
+
+SHAPES = [(5, 7), (3, 4), (2, 2)]
+
+
+def _naive_bilinear(img: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """img [C, H, W]; (x, y) normalized in [0, 1] (align_corners=False); zeros outside."""
+    _, height, width = img.shape
+    px = x * width - 0.5  # pixel centres sit at integer coordinates
+    py = y * height - 0.5
+    x0 = math.floor(px.item())
+    y0 = math.floor(py.item())
+    out = torch.zeros(img.shape[0], dtype=img.dtype)
+    for yy in (y0, y0 + 1):
+        for xx in (x0, x0 + 1):
+            wx = 1 - (px - xx).abs()
+            wy = 1 - (py - yy).abs()
+            if 0 <= xx < width and 0 <= yy < height:
+                out = out + wx * wy * img[:, yy, xx]
+    return out
+
+
+def _naive_ms_deform_attn(value, shapes, locations, weights):
+    bsz, _, heads, head_dim = value.shape
+    _, nq, _, levels, points, _ = locations.shape
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    rows = []
+    for b in range(bsz):
+        per_q = []
+        for q in range(nq):
+            per_h = []
+            for h in range(heads):
+                acc = torch.zeros(head_dim, dtype=value.dtype)
+                for lvl, (hl, wl) in enumerate(shapes):
+                    img = value[b, starts[lvl] : starts[lvl] + hl * wl, h].t().reshape(-1, hl, wl)
+                    for p in range(points):
+                        x, y = locations[b, q, h, lvl, p]
+                        acc = acc + weights[b, q, h, lvl, p] * _naive_bilinear(img, x, y)
+                per_h.append(acc)
+            per_q.append(torch.cat(per_h))
+        rows.append(torch.stack(per_q))
+    return torch.stack(rows)
+
+
+def _random_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    bsz, nq, heads, head_dim, points = 2, 3, 2, 4, 2
+    s = sum(h * w for h, w in SHAPES)
+    value = torch.randn(bsz, s, heads, head_dim, generator=g, dtype=torch.float64)
+    # include locations outside [0, 1] to exercise zero padding
+    loc = torch.rand(bsz, nq, heads, len(SHAPES), points, 2, generator=g, dtype=torch.float64)
+    loc = loc * 1.3 - 0.15
+    w = torch.rand(bsz, nq, heads, len(SHAPES), points, generator=g, dtype=torch.float64)
+    w = w / w.sum((-1, -2), keepdim=True)
+    return value, loc, w
+
+
+def test_forward_and_gradients_match_naive_reference():
+    value, loc, w = _random_inputs()
+    starts = torch.tensor([0, 35, 47])
+    tensors = [t.clone().requires_grad_(True) for t in (value, loc, w)]
+    naive = [t.clone().requires_grad_(True) for t in (value, loc, w)]
+    out = ms_deform_attn(tensors[0], torch.tensor(SHAPES), starts, tensors[1], tensors[2])
+    ref = _naive_ms_deform_attn(naive[0], SHAPES, naive[1], naive[2])
+    assert out.shape == (2, 3, 8)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    for name, a, b in zip(("value", "locations", "weights"), tensors, naive):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_float32_matches_float64():
+    value, loc, w = _random_inputs(1)
+    out64 = ms_deform_attn(value, SHAPES, None, loc, w)
+    out32 = ms_deform_attn(value.float(), SHAPES, None, loc.float(), w.float())
+    torch.testing.assert_close(out32.double(), out64, atol=1e-5, rtol=1e-5)
+
+
+def test_rejects_inconsistent_shapes():
+    value, loc, w = _random_inputs()
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        ms_deform_attn(value, [(5, 7), (3, 4)], None, loc, w)
+    with pytest.raises(ValueError, match="level_start_index"):
+        ms_deform_attn(value, SHAPES, [0, 30, 47], loc, w)
+
+
+def _module_and_inputs(ref_dim: int):
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=len(SHAPES), n_heads=2, n_points=3)
+    with torch.no_grad():  # non-trivial parameters
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    s = sum(h * w for h, w in SHAPES)
+    query = torch.randn(2, 4, 16)
+    value_in = torch.randn(2, s, 16)
+    ref = torch.rand(2, 4, len(SHAPES), ref_dim) * 0.5 + 0.25
+    return attn, query, value_in, ref
+
+
+def test_module_box_references_scale_offsets_by_box_size():
+    attn, query, value_in, ref = _module_and_inputs(4)
+    out = attn(query, ref, value_in, SHAPES)
+    # the same result from the core with hand-computed locations
+    offsets = attn.sampling_offsets(query).view(2, 4, 2, 3, 3, 2)
+    weights = attn.attention_weights(query).view(2, 4, 2, 9).softmax(-1).view(2, 4, 2, 3, 3)
+    loc = ref[:, :, None, :, None, :2] + offsets / 3 * ref[:, :, None, :, None, 2:] * 0.5
+    value = attn.value_proj(value_in).view(2, -1, 2, 8)
+    expected = attn.output_proj(ms_deform_attn(value, SHAPES, None, loc, weights))
+    torch.testing.assert_close(out, expected)
+
+
+def test_module_point_references_normalize_offsets_by_level_size():
+    attn, query, value_in, ref = _module_and_inputs(2)
+    out = attn(query, ref, value_in, SHAPES)
+    offsets = attn.sampling_offsets(query).view(2, 4, 2, 3, 3, 2)
+    weights = attn.attention_weights(query).view(2, 4, 2, 9).softmax(-1).view(2, 4, 2, 3, 3)
+    norm = torch.tensor([[w, h] for h, w in SHAPES], dtype=torch.float32)
+    loc = ref[:, :, None, :, None, :] + offsets / norm[None, None, None, :, None]
+    value = attn.value_proj(value_in).view(2, -1, 2, 8)
+    expected = attn.output_proj(ms_deform_attn(value, SHAPES, None, loc, weights))
+    torch.testing.assert_close(out, expected)
+
+
+def test_padded_values_do_not_contribute():
+    attn, query, value_in, ref = _module_and_inputs(2)
+    mask = torch.zeros(2, value_in.shape[1], dtype=torch.bool)
+    mask[1, 10:20] = True
+    out = attn(query, ref, value_in, SHAPES, padding_mask=mask)
+    garbage = value_in.clone()
+    garbage[1, 10:20] = 1e3
+    out2 = attn(query, ref, garbage, SHAPES, padding_mask=mask)
+    torch.testing.assert_close(out, out2)
+
+
+def test_init_offsets_form_directional_grid():
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    bias = attn.sampling_offsets.bias.view(4, 2, 2, 2)
+    # head 0 points along +x, head 1 along +y; point p is (p + 1) steps out
+    torch.testing.assert_close(bias[0, 0, 1], torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(bias[1, 1, 0], torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0)
+    assert attn.attention_weights.weight.abs().sum() == 0
+    assert attn.sampling_offsets.weight.abs().sum() == 0
