@@ -45,13 +45,18 @@ __all__ = [
     "dataset_weights",
     "repeat_factors",
     "limited_subset",
+    "derive_seed",
 ]
 
 SAMPLER_MODES = ("proportional", "uniform", "temperature", "repeat_factor")
 
 
-def _derive_seed(*keys: int) -> int:
-    """A 63-bit seed mixed from integer keys (numpy ``SeedSequence`` hashing, platform-stable)."""
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer keys (numpy ``SeedSequence`` hashing, platform-stable).
+
+    Used for every derived stream: ``(seed, epoch, stream)`` for sampler orders, ``(seed, epoch,
+    global batch number, position)`` for per-sample augmentation seeds.
+    """
     state = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys])
     return int(state.generate_state(1, dtype=np.uint64)[0] & 0x7FFFFFFFFFFFFFFF)
 
@@ -129,7 +134,7 @@ def limited_subset(num_images: int, percent: float, seed: int) -> list[int]:
     if num_images <= 0:
         return []
     keep = max(1, min(num_images, int(round(num_images * percent / 100.0))))
-    g = torch.Generator().manual_seed(_derive_seed(seed, num_images, 0x5B5E7))
+    g = torch.Generator().manual_seed(derive_seed(seed, num_images, 0x5B5E7))
     return sorted(torch.randperm(num_images, generator=g)[:keep].tolist())
 
 
@@ -228,7 +233,7 @@ class DatasetAwareSampler(Sampler[list[int]]):
 
     # ------------------------------------------------------------------ the global plan
     def _generator(self, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_derive_seed(self.seed, self.epoch, stream))
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, stream))
 
     def _epoch_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The epoch's global sample order and the dataset of every sample, both ``[N]``."""
