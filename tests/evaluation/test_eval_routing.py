@@ -1,0 +1,75 @@
+"""Routing tables: share rows sum to 1, accuracy / drop / entropy equal hand counts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from damex.evaluation.routing import (
+    LayerRouting,
+    routing_accuracy,
+    routing_markdown,
+    share_matrix,
+    summarize_layers,
+)
+
+NAMES = ["coco", "voc07", "kitti"]
+EMAP = {"coco": 0, "voc07": 2}  # kitti unmapped
+
+
+def _layers() -> list[LayerRouting]:
+    # hand-made counts: rows = datasets, columns = 3 experts
+    c0 = np.array([[6, 3, 1], [0, 1, 3], [0, 0, 0]])  # kitti: no tokens in this layer
+    c1 = np.array([[2, 2, 0], [1, 0, 9], [5, 5, 5]])
+    return [
+        LayerRouting("decoder.0", c0, np.array([1, 2, 0]), np.array([5.0, 2.0, 0])),
+        LayerRouting("decoder.1", c1),
+    ]
+
+
+def test_share_rows_sum_to_one_and_accuracy_matches_hand_count() -> None:
+    s = summarize_layers(_layers(), dataset_names=NAMES, expert_map=EMAP)
+    json.dumps(s)  # JSON-able
+    l0, l1 = s["layers"]
+    share0 = np.asarray(l0["share"])
+    np.testing.assert_allclose(share0.sum(1), [1.0, 1.0, 0.0])  # no tokens -> zero row
+    np.testing.assert_allclose(np.asarray(l1["share"]).sum(1), 1.0)
+    np.testing.assert_allclose(share0[0], [0.6, 0.3, 0.1])
+    # accuracy: coco -> E0: 6/10; voc07 -> E2: 3/4; kitti has no map entry
+    assert l0["accuracy"] == pytest.approx([0.6, 0.75, None])
+    assert l1["accuracy"] == pytest.approx([0.5, 0.9, None])
+    assert l0["mean_accuracy"] == pytest.approx((0.6 + 0.75) / 2)
+    assert s["mean_accuracy"] == pytest.approx(((0.6 + 0.75) / 2 + (0.5 + 0.9) / 2) / 2)
+    assert l0["tokens"] == [10, 4, 0]
+    assert l0["drop_rate"] == pytest.approx([0.1, 0.5, None])
+    assert l0["entropy"] == pytest.approx([0.5, 0.5, None])
+    assert l1["drop_rate"] is None and l1["mean_entropy"] is None
+    assert l0["expert_load"] == pytest.approx([6 / 14, 4 / 14, 4 / 14])
+    assert s["max_entropy"] == pytest.approx(math.log(3))
+    assert s["expert_map"] == EMAP
+
+
+def test_without_map_accuracy_is_undefined() -> None:
+    s = summarize_layers(_layers(), dataset_names=NAMES)
+    assert s["layers"][0]["accuracy"] is None and s["mean_accuracy"] is None
+    assert "| - |" in routing_markdown(s)
+
+
+def test_markdown_marks_mapped_cells() -> None:
+    md = routing_markdown(summarize_layers(_layers(), dataset_names=NAMES, expert_map=EMAP))
+    assert "| coco | **60.0** | 30.0 | 10.0 | 10 | 60.0 | 10.0 | 0.500 |" in md
+    assert "| voc07 | 0.0 | 25.0 | **75.0** | 4 | 75.0 | 50.0 | 0.500 |" in md
+    assert "| decoder.1 | 70.0 |" in md
+
+
+def test_validation() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        summarize_layers(_layers(), dataset_names=NAMES, expert_map={"coco": 3})
+    with pytest.raises(ValueError, match="counts must be"):
+        summarize_layers(_layers(), dataset_names=NAMES[:2])
+    with pytest.raises(ValueError, match="non-negative"):
+        share_matrix([[1, -1]])
+    assert routing_accuracy([[1, 3], [2, 2]], [1, -1]) == [0.75, None]
