@@ -7,6 +7,7 @@ from damex.viz.routing import (
     expert_colors,
     plot_routing_accuracy,
     plot_routing_heatmap,
+    query_experts,
     save_figure,
     save_routing_figures,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "plot_routing_accuracy",
     "plot_routing_heatmap",
     "png_data_uri",
+    "query_experts",
     "save_figure",
     "save_png",
     "save_routing_figures",

@@ -23,6 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
+from damex.modeling.outputs import TokenKind
+from damex.moe.types import RoutingInfo
 from damex.structures import Detections
 from damex.viz.boxes import Color, draw_boxes, legend_strip, palette
 
@@ -33,6 +35,7 @@ __all__ = [
     "save_figure",
     "save_routing_figures",
     "draw_expert_overlay",
+    "query_experts",
 ]
 
 
@@ -218,6 +221,28 @@ def save_routing_figures(
         )
         result["accuracy"].append(save_figure(fig, out / "routing_accuracy.png"))
     return result
+
+
+def query_experts(info: RoutingInfo, *, image_index: int, num_queries: int) -> np.ndarray:
+    """Top-1 expert of every matching query of one image, for :func:`draw_expert_overlay`.
+
+    Args:
+        info: one MoE layer's routing of a batch (with ``token_query`` set by the detector).
+        image_index: the image's index in the batch.
+        num_queries: ``Q`` matching queries per image.
+
+    Returns:
+        ``int64`` ``[Q]``; ``-1`` for a query the layer holds no token of.
+    """
+    if info.token_query is None:
+        raise ValueError("RoutingInfo.token_query is None: the detector must tag its tokens")
+    sel = info.token_image == image_index  # [T]
+    if info.token_kind is not None:
+        sel &= info.token_kind == int(TokenKind.MATCHING)
+    sel &= (info.token_query >= 0) & (info.token_query < num_queries)
+    out = torch.full((num_queries,), -1, dtype=torch.long)
+    out[info.token_query[sel].cpu().long()] = info.expert[sel, 0].cpu().long()
+    return out.numpy()
 
 
 def draw_expert_overlay(

@@ -66,3 +66,27 @@ def test_expert_overlay_colours_boxes_by_query_expert() -> None:
     assert tuple(out[60, 30]) == (255, 255, 255)  # inside the box: untouched
     with pytest.raises(ValueError, match="query_index"):
         draw_expert_overlay(img, det, query_expert[:3], num_experts=4)
+
+
+def test_query_experts_follows_token_tags_not_layout() -> None:
+    from damex.modeling.outputs import TokenKind
+    from damex.moe.types import RoutingInfo
+    from damex.viz.routing import query_experts
+
+    # tokens of 2 images interleaved, with a DN token; image 1 queries listed in reverse order
+    token_image = torch.tensor([1, 0, 1, 0, 1, 1])
+    token_kind = torch.tensor([0, 0, 0, 0, int(TokenKind.DN), 0])
+    token_query = torch.tensor([2, 0, 1, 1, -1, 0])
+    expert = torch.tensor([[3], [1], [2], [0], [1], [0]])  # [T, k]
+    info = RoutingInfo(
+        logits=torch.zeros(6, 4),
+        noisy_logits=None,
+        expert=expert,
+        gate=torch.ones(6, 1),
+        kept=torch.ones(6, 1, dtype=torch.bool),
+        token_image=token_image,
+        token_kind=token_kind,
+        token_query=token_query,
+    )
+    assert query_experts(info, image_index=1, num_queries=3).tolist() == [0, 2, 3]
+    assert query_experts(info, image_index=0, num_queries=3).tolist() == [1, 0, -1]
