@@ -309,6 +309,8 @@ def test_evaluator_means_tables_and_files(tmp_path) -> None:
     assert EvalResults.from_dict(loaded).datasets["kitti"].ap == pytest.approx(k.ap)
     dets_json = json.loads(written["detections_voc07.json"].read_text())
     assert {d["category_id"] for d in dets_json} <= {5, 8}  # native ids only
+    kitti_json = json.loads(written["detections_kitti.json"].read_text())
+    assert evaluate_dataset(gt_kitti, kitti_json).stats == pytest.approx(k.stats, abs=1e-12)
     assert re.search(r"\| mean \|", (tmp_path / "out" / "results.md").read_text())
 
 
