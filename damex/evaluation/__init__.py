@@ -9,6 +9,14 @@ from damex.evaluation.coco_eval import (
     evaluate_dataset,
     load_coco_gt,
 )
+from damex.evaluation.routing import (
+    LayerRouting,
+    routing_accuracy,
+    routing_markdown,
+    routing_summary,
+    share_matrix,
+    summarize_layers,
+)
 
 __all__ = [
     "STAT_NAMES",
@@ -18,4 +26,10 @@ __all__ = [
     "detections_to_coco",
     "evaluate_dataset",
     "load_coco_gt",
+    "LayerRouting",
+    "routing_accuracy",
+    "routing_markdown",
+    "routing_summary",
+    "share_matrix",
+    "summarize_layers",
 ]

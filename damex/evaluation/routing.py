@@ -12,11 +12,12 @@ Definitions (per layer, per dataset ``d`` with ``n_d`` counted tokens):
   dataset without tokens is a row of zeros);
 - accuracy ``[d]`` = share ``[d, map[d]]``: the DAMEX objective (spec §3) measured at test time,
   where the router never sees the dataset identity; undefined (None) without a map entry;
-- drop rate ``[d]`` = tokens of ``d`` whose top-1 assignment was dropped by the capacity limit
-  / ``n_d``;
+- drop rate ``[d]`` = routing assignments of ``d``'s tokens dropped by the capacity limit /
+  all of them (``k`` per token; for top-1, the share of tokens dropped);
 - entropy ``[d]`` = mean over ``d``'s tokens of the router's softmax entropy (nats; the maximum
   is ``log E``);
-- expert load ``[e]`` = share of all tokens whose top-1 expert is ``e``.
+- expert load ``[e]`` = share of all tokens whose top-1 expert is ``e`` (top-1 only, like the
+  share matrix; ``RoutingStats.expert_load`` counts all ``k`` choices).
 
 Layer means over datasets are unweighted (each dataset counts once, as in the AP mean).
 """
@@ -26,9 +27,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from damex.moe.stats import RoutingStats
 
 __all__ = [
     "LayerRouting",
@@ -47,14 +51,17 @@ class LayerRouting:
     Attributes:
         name: layer name (e.g. ``"decoder.3"``).
         counts: ``[D, E]`` tokens of each dataset whose top-1 expert is ``e``.
-        dropped: ``[D]`` tokens whose top-1 assignment was dropped (capacity), or None.
+        dropped: ``[D]`` routing assignments dropped by the capacity limit, or None.
         entropy_sum: ``[D]`` sum over tokens of the router softmax entropy (nats), or None.
+        assigned: ``[D]`` routing assignments (``k`` per token); None means ``k = 1`` (the
+            token count).
     """
 
     name: str
     counts: np.ndarray
     dropped: np.ndarray | None = None
     entropy_sum: np.ndarray | None = None
+    assigned: np.ndarray | None = None
 
 
 def share_matrix(counts: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
@@ -159,7 +166,8 @@ def summarize_layers(
         tokens = counts.sum(axis=1)  # [D]
         total = tokens.sum()
         acc = routing_accuracy(counts, mapped) if emap else None
-        drop = _per_dataset(layer.dropped, tokens, "dropped", num_ds)
+        assigned = tokens if layer.assigned is None else np.asarray(layer.assigned, np.float64)
+        drop = _per_dataset(layer.dropped, assigned.reshape(-1), "dropped", num_ds)
         ent = _per_dataset(layer.entropy_sum, tokens, "entropy_sum", num_ds)
         out_layers.append(
             {
@@ -187,14 +195,51 @@ def summarize_layers(
 
 
 def routing_summary(
-    stats: Any,
+    stats: RoutingStats | Mapping[str, Any],
     *,
     dataset_names: Sequence[str],
     expert_map: Mapping[str, int] | None = None,
     layer_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The routing summary of a ``RoutingStats`` (see :func:`summarize_layers`)."""
-    raise NotImplementedError("waiting for damex.moe.stats.RoutingStats")
+    """The routing summary of accumulated ``RoutingStats`` (see :func:`summarize_layers`).
+
+    Args:
+        stats: the counters (or their ``to_dict()``), already merged / all-reduced.
+        dataset_names: ``D`` names in the stats' dataset index order.
+        expert_map: dataset name -> expert; default: the stats' own index map, if any.
+        layer_names: ``L`` names; default ``moe.0``, ``moe.1``, ...
+
+    Returns:
+        The JSON-able summary, plus ``"raw"``: ``stats.to_dict()`` (exact counters).
+    """
+    from damex.moe.stats import RoutingStats
+
+    if not isinstance(stats, RoutingStats):
+        stats = RoutingStats.from_dict(dict(stats))
+    if len(dataset_names) != stats.num_datasets:
+        raise ValueError(
+            f"got {len(dataset_names)} dataset names for {stats.num_datasets} datasets in the stats"
+        )
+    names = list(layer_names) if layer_names is not None else None
+    if names is None:
+        names = [f"moe.{i}" for i in range(stats.num_layers)]
+    if len(names) != stats.num_layers:
+        raise ValueError(f"got {len(names)} layer names for {stats.num_layers} MoE layers")
+    if expert_map is None and stats.expert_map is not None:
+        expert_map = {n: int(e) for n, e in zip(dataset_names, stats.expert_map.tolist())}
+    layers = [
+        LayerRouting(
+            name=names[i],
+            counts=stats.top1[i].numpy(),
+            dropped=stats.dropped[i].sum(-1).numpy(),
+            entropy_sum=stats.entropy_sum[i].numpy(),
+            assigned=stats.assigned[i].sum(-1).numpy(),
+        )
+        for i in range(stats.num_layers)
+    ]
+    out = summarize_layers(layers, dataset_names=dataset_names, expert_map=expert_map)
+    out["raw"] = stats.to_dict()
+    return out
 
 
 def _pct(v: float | None) -> str:

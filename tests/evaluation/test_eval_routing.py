@@ -73,3 +73,39 @@ def test_validation() -> None:
     with pytest.raises(ValueError, match="non-negative"):
         share_matrix([[1, -1]])
     assert routing_accuracy([[1, 3], [2, 2]], [1, -1]) == [0.75, None]
+
+
+def test_routing_summary_from_routing_stats_matches_hand_count() -> None:
+    import torch
+
+    from damex.evaluation.routing import routing_summary
+    from damex.moe.stats import RoutingStats
+    from damex.moe.types import RoutingInfo
+
+    # 2 images (datasets 0 and 1), 4 tokens each, E = 3, one layer
+    expert = torch.tensor([0, 0, 1, 0, 2, 2, 1, 2]).unsqueeze(1)  # [T, 1]
+    kept = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool).unsqueeze(1)
+    info = RoutingInfo(
+        logits=torch.zeros(8, 3),  # uniform router: entropy log 3 per token
+        noisy_logits=None,
+        expert=expert,
+        gate=torch.ones(8, 1),
+        kept=kept,
+        token_image=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),
+    )
+    stats = RoutingStats(1, 2, 3, expert_map=[0, 2])
+    stats.update([info], torch.tensor([0, 1]))
+    s = routing_summary(stats, dataset_names=["a", "b"], layer_names=["dec.1"])
+    layer = s["layers"][0]
+    assert s["expert_map"] == {"a": 0, "b": 2}  # taken from the stats
+    assert layer["counts"] == [[3, 1, 0], [0, 1, 3]]
+    assert layer["accuracy"] == pytest.approx([0.75, 0.75])  # a: 3/4 on E0, b: 3/4 on E2
+    assert layer["accuracy"] == pytest.approx(stats.accuracy_per_dataset()[0].tolist())
+    np.testing.assert_allclose(layer["share"], stats.fractions()[0].numpy())
+    assert layer["drop_rate"] == pytest.approx([0.25, 0.0])
+    assert layer["entropy"] == pytest.approx([math.log(3)] * 2)
+    assert json.loads(json.dumps(s))["raw"]["top1"] == stats.top1.tolist()
+    # the to_dict() form gives the same summary; an explicit map overrides the stats' one
+    again = routing_summary(stats.to_dict(), dataset_names=["a", "b"], expert_map={"a": 1})
+    assert again["layers"][0]["accuracy"] == pytest.approx([0.25, None])
+    assert again["layers"][0]["name"] == "moe.0"
