@@ -117,7 +117,7 @@ def plot_routing_accuracy(
     dataset_names: Sequence[str],
     layer_names: Sequence[str],
     num_experts: int | None = None,
-    title: str = "Routing accuracy (top-1 expert == mapped expert)",
+    title: str = "Routing accuracy: share of tokens whose top-1 expert is the mapped one",
 ) -> Figure:
     """Grouped bars: for every dataset, one bar per MoE layer.
 
