@@ -187,7 +187,7 @@ class LabelSpace:
         present: list[tuple[str, ...]] = []
         seen: dict[str, int] = {}
         for gi, group in enumerate(groups):
-            members = tuple(n for n in group if n in names)
+            members = tuple(n for n in names if n in group)  # in run order: block of the first
             for n in members:
                 if n in seen:
                     raise ValueError(f"dataset {n!r} is in two share groups: {list(groups)}")

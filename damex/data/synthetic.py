@@ -394,8 +394,8 @@ def _aerial_car(cv: _Canvas, rng: np.random.Generator, f: _Frame) -> Box | None:
     paint = _jitter(
         rng, _pick(rng, [(210, 30, 30), (30, 60, 200), (235, 210, 30), (245, 245, 245)])
     )
-    box = cv.poly(f.rect(-0.5, -0.26, 0.5, 0.26), paint)
-    cv.poly(f.rect(0.02, -0.2, 0.22, 0.2), (30, 30, 40))
+    box = cv.poly(f.rect(-0.5, -0.3, 0.5, 0.3), paint)
+    cv.poly(f.rect(0.02, -0.23, 0.22, 0.23), (30, 30, 40))
     return box
 
 
@@ -605,7 +605,7 @@ _CLIPART = _DatasetStyle(
 _AERIAL = _DatasetStyle(
     size=(256, 256),
     count=(4, 12),
-    obj_size=(10.0, 30.0),
+    obj_size=(12.0, 32.0),
     extent={"plane": (1.1, 1.1), "ship": (1.0, 1.0), "car": (1.0, 1.0), "storage-tank": (1.0, 1.0)},
     renderers={
         "plane": _aerial_plane,
