@@ -1,0 +1,281 @@
+"""DeepLesion ``DL_info.csv`` key slices -> 8-bit PNGs + COCO JSON (class lesion).
+
+Format (NIH DeepLesion): a comma CSV with one row per lesion; multi-value fields are quoted
+(``"x1, y1, x2, y2"``). Used columns: ``File_name`` (``000089_01_01_037.png`` = folder
+``000089_01_01``, slice ``037.png`` under ``Images_png/``), ``Bounding_boxes`` (0-based float
+``x1, y1, x2, y2``), ``Image_size`` (``w, h``), ``DICOM_windows`` (``low, high`` in HU),
+``Possibly_noisy`` and ``Train_Val_Test`` (1 train, 2 val, 3 test). Rows are grouped by
+``File_name``: one image per key slice, one box per row.
+
+Images: the key slices are 16-bit PNGs storing ``HU + 32768``. Each is windowed with its row's
+DICOM window to 8 bits, ``round(clip((HU - low) / (high - low), 0, 1) * 255)``, and written as
+a grayscale PNG under ``out_image_dir/<folder>/<slice>.png`` (``file_name`` is that relative
+path). With ``context_slices=True`` the neighbouring slices (``slice - 1``, ``slice + 1``, the
+key slice itself where a neighbour is missing) become the R and B channels of an RGB PNG, the
+3-slice input popularised by 3DCE; the default is the key slice alone.
+
+Split reproduced: UODB's ``deeplesion_trainval`` (Train_Val_Test 1 and 2) -> train and
+``deeplesion_test`` (3) -> test.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from damex.data.converters.common import (
+    BadRecord,
+    CocoBuilder,
+    ConversionReport,
+    ImageRecord,
+    Issues,
+    ObjectRecord,
+    OnBadSample,
+    OutOfBounds,
+    read_text,
+    write_bytes_atomic,
+)
+from damex.data.uodb import UODB_CLASSES
+from damex.errors import DatasetError
+
+__all__ = ["HU_OFFSET", "window_hu", "convert_deeplesion", "deeplesion_source_path"]
+
+logger = logging.getLogger(__name__)
+
+HU_OFFSET = 32768  # DeepLesion PNGs store HU + 32768 as uint16
+_FILE_RE = re.compile(r"^(\d+_\d+_\d+)_(\d+)\.png$")
+_REQUIRED = ("File_name", "Bounding_boxes", "Image_size", "DICOM_windows", "Train_Val_Test")
+
+
+def window_hu(raw: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Window a DeepLesion slice to 8 bits.
+
+    Args:
+        raw: stored values (``HU + 32768``), any integer dtype, shape [H, W].
+        low: window lower bound in HU (maps to 0).
+        high: window upper bound in HU (maps to 255).
+
+    Returns:
+        uint8 array [H, W]: ``round(clip((HU - low) / (high - low), 0, 1) * 255)``.
+    """
+    if not high > low:
+        raise ValueError(f"DICOM window must have high > low, got ({low}, {high})")
+    hu = raw.astype(np.float64) - HU_OFFSET
+    scaled = np.clip((hu - low) / (high - low), 0.0, 1.0) * 255.0
+    return np.rint(scaled).astype(np.uint8)
+
+
+def deeplesion_source_path(images_dir: Path, file_name: str) -> tuple[Path, str, int]:
+    """``Images_png/<folder>/<slice>.png`` of a ``File_name``, the folder and the slice number.
+
+    Raises:
+        ValueError: ``file_name`` is not ``<patient>_<study>_<series>_<slice>.png``.
+    """
+    match = _FILE_RE.match(file_name)
+    if match is None:
+        raise ValueError(f"File_name must look like 000089_01_01_037.png, got {file_name!r}")
+    folder, slice_str = match.groups()
+    return Path(images_dir) / folder / f"{slice_str}.png", folder, int(slice_str)
+
+
+def _floats(text: str, n: int, where: str, column: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise BadRecord(
+            where, f"{column} must hold {n} comma-separated numbers, got {text!r}", "malformed row"
+        )
+    return values
+
+
+def _read_slice(path: Path, where: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                raise BadRecord(
+                    where,
+                    f"{path}: expected a 16-bit grayscale PNG, got mode {im.mode}",
+                    "bad image",
+                )
+            return np.asarray(im).astype(np.int64)
+    except FileNotFoundError:
+        raise BadRecord(where, f"image not found: {path}", "missing image") from None
+    except OSError as exc:
+        raise BadRecord(where, f"cannot read image {path}: {exc}", "bad image") from None
+
+
+def _encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def convert_deeplesion(
+    csv_path: Path,
+    images_dir: Path,
+    out_image_dir: Path,
+    json_out: Path,
+    *,
+    subsets: Collection[int] = (1, 2),
+    classes: Sequence[str] | None = None,
+    context_slices: bool = False,
+    drop_noisy: bool = False,
+    overwrite_images: bool = False,
+    dataset: str = "deeplesion",
+    split: str = "train",
+    on_bad_sample: OnBadSample = "error",
+    out_of_bounds: OutOfBounds = "clip",
+    progress: bool = False,
+) -> ConversionReport:
+    """Convert DeepLesion key slices of some ``Train_Val_Test`` subsets to PNGs + COCO JSON.
+
+    Args:
+        csv_path: ``DL_info.csv``.
+        images_dir: ``Images_png`` (16-bit slices).
+        out_image_dir: where the 8-bit PNGs go (the dataset's ``images/`` folder).
+        json_out: the COCO JSON to write.
+        subsets: ``Train_Val_Test`` values kept: ``(1, 2)`` for UODB's trainval, ``(3,)`` test.
+        classes: default ``UODB_CLASSES["deeplesion"]`` (``["lesion"]``).
+        context_slices: write RGB = (slice - 1, slice, slice + 1) instead of the key slice.
+        drop_noisy: skip rows with ``Possibly_noisy = 1`` (counted).
+        overwrite_images: rewrite PNGs that already exist (default: keep them; they are only
+            ever written whole, so an existing one is complete).
+        dataset: dataset name for the report.
+        split: split name for the report.
+        on_bad_sample: ``"error"`` | ``"skip"``.
+        out_of_bounds: ``"clip"`` | ``"error"``.
+        progress: show a tqdm bar.
+
+    Returns:
+        The split's counts.
+
+    Raises:
+        DatasetError: bad input (the message names the CSV and its line, or the missing slice).
+    """
+    csv_path, images_dir, out_image_dir = Path(csv_path), Path(images_dir), Path(out_image_dir)
+    classes = list(classes or UODB_CLASSES["deeplesion"])
+    if len(classes) != 1:
+        raise ValueError(f"DeepLesion has one class, got classes={classes}")
+    report = ConversionReport(dataset=dataset, split=split)
+    issues = Issues(report, on_bad_sample)
+    builder = CocoBuilder(
+        categories=[(1, classes[0])],
+        report=report,
+        issues=issues,
+        out_of_bounds=out_of_bounds,
+        description=f"{dataset} {split} converted from {csv_path.name} (subsets {sorted(subsets)})",
+    )
+    try:
+        text = read_text(csv_path)
+    except BadRecord as bad:
+        raise DatasetError(str(bad)) from None
+    reader = csv.DictReader(io.StringIO(text), skipinitialspace=False)
+    header = reader.fieldnames or []
+    missing = [c for c in _REQUIRED if c not in header]
+    if missing:
+        raise DatasetError(f"{csv_path}:1: header lacks columns {missing}; got {header}")
+
+    # File_name -> [(line, row)], for the rows of the requested subsets.
+    groups: dict[str, list[tuple[int, dict[str, str]]]] = {}
+    for row in reader:
+        lineno = reader.line_num
+        where = f"{csv_path}:{lineno}"
+        try:
+            if None in row or any(v is None for v in row.values()):
+                raise BadRecord(
+                    where,
+                    f"expected {len(header)} comma-separated fields like the header",
+                    "malformed row",
+                )
+            try:
+                subset = int(row["Train_Val_Test"])
+            except ValueError:
+                raise BadRecord(
+                    where,
+                    f"Train_Val_Test must be 1, 2 or 3, got {row['Train_Val_Test']!r}",
+                    "malformed row",
+                ) from None
+        except BadRecord as bad:
+            issues.handle(bad)
+            continue
+        if subset not in subsets:
+            continue
+        if drop_noisy and row.get("Possibly_noisy", "0").strip() == "1":
+            report.skip("possibly noisy", where)
+            continue
+        groups.setdefault(row["File_name"].strip(), []).append((lineno, row))
+
+    for file_name in tqdm(
+        sorted(groups), desc=f"{dataset}/{split}", disable=not progress, leave=False
+    ):
+        rows = groups[file_name]
+        first = f"{csv_path}:{rows[0][0]}"
+        try:
+            try:
+                src, folder, slice_no = deeplesion_source_path(images_dir, file_name)
+            except ValueError as exc:
+                raise BadRecord(first, str(exc), "malformed row") from None
+            width, height = (
+                int(v) for v in _floats(rows[0][1]["Image_size"], 2, first, "Image_size")
+            )
+            low, high = _floats(rows[0][1]["DICOM_windows"], 2, first, "DICOM_windows")
+            if not high > low:
+                raise BadRecord(
+                    first,
+                    f"DICOM_windows must have high > low, got ({low:g}, {high:g})",
+                    "malformed row",
+                )
+            rel = f"{folder}/{src.name}"
+            dst = out_image_dir / rel
+            if overwrite_images or not dst.is_file():
+                raw = _read_slice(src, first)
+                if raw.shape != (height, width):
+                    raise BadRecord(
+                        first,
+                        f"{src}: image is {raw.shape[1]}x{raw.shape[0]}, Image_size says "
+                        f"{width}x{height}",
+                        "size mismatch",
+                    )
+                key = window_hu(raw, low, high)
+                if context_slices:
+                    chans = []
+                    for offset in (-1, 1):
+                        neighbour = src.with_name(f"{slice_no + offset:03d}.png")
+                        if neighbour.is_file():
+                            data = _read_slice(neighbour, first)
+                            chans.append(
+                                window_hu(data, low, high) if data.shape == raw.shape else key
+                            )
+                        else:
+                            chans.append(key)
+                    pixels = np.stack([chans[0], key, chans[1]], axis=-1)  # [H, W, 3]
+                else:
+                    pixels = key  # [H, W]
+                write_bytes_atomic(dst, _encode_png(pixels))
+        except BadRecord as bad:
+            issues.handle(bad)
+            continue
+        record = ImageRecord(where=first, file_name=rel, width=width, height=height)
+        for lineno, row in rows:
+            where = f"{csv_path}:{lineno}"
+            try:
+                x0, y0, x1, y1 = _floats(row["Bounding_boxes"], 4, where, "Bounding_boxes")
+            except BadRecord as bad:
+                issues.handle(bad)
+                continue
+            record.objects.append(
+                ObjectRecord(where=where, category_id=1, x0=x0, y0=y0, x1=x1, y1=y1)
+            )
+        builder.add_record(record)
+    builder.write(Path(json_out))
+    return report

@@ -1,0 +1,745 @@
+"""Rebuild UODB from the original releases: ``prepare_uodb(src, out, datasets)`` and its CLI.
+
+For every dataset ``NAME`` of ``damex.data.uodb.UODB_DATASETS`` this writes
+``OUT/NAME/annotations/{train,test}.json`` (COCO; voc12 has only ``train``) and
+``OUT/NAME/images`` (a symlink to the original image folder, a folder of symlinks when a
+dataset keeps its splits' images apart, or converted images for DeepLesion); every
+``file_name`` is relative to ``OUT/NAME/images``.
+
+Expected layout under ``SRC`` (``docs/preparing_uodb.md`` says where each one comes from)::
+
+    coco/        annotations/instances_valminusminival2014.json   (train)
+                 annotations/instances_minival2014.json           (test)
+                 val2014/                                         (images)
+                 -- or annotations/instances_val2014.json + instances_val2017.json
+    voc07/       VOC2007/{Annotations,ImageSets/Main/{trainval,test}.txt,JPEGImages}
+                 (VOCdevkit/VOC2007/... also accepted)
+    voc12/       VOC2012/{Annotations,ImageSets/Main/train.txt,JPEGImages}
+    clipart/     {Annotations,ImageSets/Main/{train,test}.txt,JPEGImages}
+    watercolor/  same as clipart
+    comic/       same as clipart
+    kitti/       training/{label_2,image_2}                 [splits/{train,test}.txt]
+    lisa/        allAnnotations.csv + the frame folders it names  [splits/...]
+    widerface/   wider_face_split/wider_face_{train,val}_bbx_gt.txt
+                 WIDER_train/images/  WIDER_val/images/
+    dota/        train/{labelTxt,images}  val/{labelTxt,images}
+    kitchen/     gmu_scene_00N/{Annotations,Images}         [splits/{train,test}.txt]
+    deeplesion/  DL_info.csv  Images_png/<patient>_<study>_<series>/<slice>.png
+
+Any dataset folder may instead hold UODB's own VOC-layout release of that dataset
+(``Annotations/``, ``ImageSets/Main/<set>.txt``, ``JPEGImages/``); ``layout="auto"`` detects it.
+
+Default splits where UODB's lists were never published (not UODB's exact splits):
+
+* kitti: ``stable_fraction(id) < 0.5`` -> test (about half of the 7,481 labelled images);
+* lisa: by recording (``lisa_group``), ``stable_fraction(group) < 0.2`` -> test;
+* kitchen: whole scenes, every third scene in sorted order (3, 6, 9) -> test.
+
+A ``splits/train.txt`` + ``splits/test.txt`` pair in the dataset folder overrides them (one
+key a line: KITTI image id, LISA ``Filename``, Kitchen scene folder name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+from tqdm import tqdm
+
+from damex.data.converters.coco import coco2014_val_name, convert_coco, load_coco_json
+from damex.data.converters.common import (
+    ConversionReport,
+    FlagPolicy,
+    OnBadSample,
+    OutOfBounds,
+    check_choice,
+    stable_fraction,
+)
+from damex.data.converters.deeplesion import convert_deeplesion
+from damex.data.converters.dota import convert_dota
+from damex.data.converters.kitchen import convert_kitchen, list_kitchen_scenes
+from damex.data.converters.kitti import convert_kitti, list_kitti_ids
+from damex.data.converters.lisa import convert_lisa, lisa_group
+from damex.data.converters.voc import UODB_KITTI_VOC_ALIASES, convert_voc
+from damex.data.converters.widerface import convert_widerface
+from damex.data.uodb import UODB_CLASSES, UODB_DATASETS
+from damex.errors import DatasetError
+
+__all__ = [
+    "Layout",
+    "PrepareOptions",
+    "UODB_VOC_IMAGE_SETS",
+    "prepare_uodb",
+    "format_summary",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+Layout = Literal["auto", "original", "uodb-voc"]
+_DOC = "docs/preparing_uodb.md"
+
+# UODB's own VOC-layout release: the image sets its loaders used (uodb-code
+# lib/datasets/datasets_info.py) -> our (train, test) splits, and the image extension.
+UODB_VOC_IMAGE_SETS: dict[str, tuple[str, str | None, str]] = {
+    "voc07": ("trainval", "test", ".jpg"),
+    "voc12": ("train", None, ".jpg"),
+    "clipart": ("train", "test", ".jpg"),
+    "watercolor": ("train", "test", ".jpg"),
+    "comic": ("train", "test", ".jpg"),
+    "kitti": ("train", "test", ".jpg"),
+    "widerface": ("train", "val", ".jpg"),
+    "lisa": ("train", "test", ".png"),
+    "dota": ("train", "val", ".jpg"),
+    "kitchen": ("train", "test", ".png"),
+    "deeplesion": ("trainval", "test", ".png"),
+}
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Conversion options shared by all datasets.
+
+    Attributes:
+        on_bad_sample: ``"error"`` (default) or ``"skip"`` (count and go on).
+        out_of_bounds: ``"clip"`` (default, counted) or ``"error"``.
+        difficult: VOC/DOTA/Kitchen difficult objects and WIDER invalid faces:
+            ``"ignore"`` (iscrowd=1, default) | ``"drop"`` | ``"keep"``.
+        layout: ``"auto"`` | ``"original"`` | ``"uodb-voc"``.
+        kitti_test_fraction: default KITTI split (see module docstring).
+        lisa_test_fraction: default LISA split.
+        kitchen_test_every: every n-th scene (sorted) is a test scene.
+        deeplesion_context_slices: write (slice-1, slice, slice+1) RGB PNGs.
+    """
+
+    on_bad_sample: OnBadSample = "error"
+    out_of_bounds: OutOfBounds = "clip"
+    difficult: FlagPolicy = "ignore"
+    layout: Layout = "auto"
+    kitti_test_fraction: float = 0.5
+    lisa_test_fraction: float = 0.2
+    kitchen_test_every: int = 3
+    deeplesion_context_slices: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("on_bad_sample", self.on_bad_sample, ("error", "skip"))
+        check_choice("out_of_bounds", self.out_of_bounds, ("clip", "error"))
+        check_choice("difficult", self.difficult, ("ignore", "drop", "keep"))
+        check_choice("layout", self.layout, ("auto", "original", "uodb-voc"))
+        for name in ("kitti_test_fraction", "lisa_test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.kitchen_test_every < 1:
+            raise ValueError(f"kitchen_test_every must be >= 1, got {self.kitchen_test_every}")
+
+    @property
+    def common(self) -> dict[str, str]:
+        """Keyword arguments every converter takes."""
+        return {"on_bad_sample": self.on_bad_sample, "out_of_bounds": self.out_of_bounds}
+
+
+# A job converts one split: job(json_out, progress) -> report.
+_Job = Callable[[Path, bool], ConversionReport]
+
+
+@dataclass
+class _Plan:
+    """What to do for one dataset: image links and one job per split."""
+
+    jobs: dict[str, _Job]
+    image_link: Path | None = None  # images -> this folder
+    image_sublinks: dict[str, Path] = field(default_factory=dict)  # images/<name> -> folder
+    writes_images: bool = False  # images/ is a real folder the jobs write into
+
+
+def _missing(name: str, path: Path, what: str) -> DatasetError:
+    return DatasetError(
+        f"{name}: {what} not found: {path} (expected layout for '{name}': see {_DOC} or "
+        "damex.data.converters.prepare)"
+    )
+
+
+def _require_dir(name: str, path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise _missing(name, path, what)
+    return path
+
+
+def _require_file(name: str, path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise _missing(name, path, what)
+    return path
+
+
+def _is_voc_dir(path: Path) -> bool:
+    return (path / "Annotations").is_dir() and (path / "ImageSets" / "Main").is_dir()
+
+
+def _read_split_lists(name: str, root: Path) -> dict[str, set[str]] | None:
+    split_dir = root / "splits"
+    if not split_dir.is_dir():
+        return None
+    lists = {}
+    for split in ("train", "test"):
+        path = _require_file(name, split_dir / f"{split}.txt", f"split list ({split})")
+        lists[split] = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    both = lists["train"] & lists["test"]
+    if both:
+        raise DatasetError(
+            f"{split_dir}: {len(both)} keys are in both train.txt and test.txt, "
+            f"e.g. {sorted(both)[:3]}"
+        )
+    return lists
+
+
+def _assign(key: str, lists: dict[str, set[str]] | None, test_fraction: float) -> str | None:
+    if lists is not None:
+        return "train" if key in lists["train"] else "test" if key in lists["test"] else None
+    return "test" if stable_fraction(key) < test_fraction else "train"
+
+
+# --------------------------------------------------------------------------------------------
+# per-dataset plans
+
+
+def _plan_uodb_voc(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    train_set, test_set, ext = UODB_VOC_IMAGE_SETS[name]
+    jpeg = _require_dir(name, root / "JPEGImages", "JPEGImages folder")
+    aliases = UODB_KITTI_VOC_ALIASES if name == "kitti" else None
+    jobs: dict[str, _Job] = {}
+    for split, image_set in (("train", train_set), ("test", test_set)):
+        if image_set is None:
+            continue
+        _require_file(name, root / "ImageSets" / "Main" / f"{image_set}.txt", "image set")
+        jobs[split] = _voc_job(name, split, root, image_set, ext, aliases, opts)
+    return _Plan(jobs=jobs, image_link=jpeg)
+
+
+def _voc_job(
+    name: str,
+    split: str,
+    root: Path,
+    image_set: str,
+    ext: str,
+    aliases: dict[str, str | None] | None,
+    opts: PrepareOptions,
+) -> _Job:
+    def job(json_out: Path, progress: bool) -> ConversionReport:
+        return convert_voc(
+            root,
+            image_set,
+            json_out,
+            classes=UODB_CLASSES[name],
+            dataset=name,
+            split=split,
+            aliases=aliases,
+            image_ext=ext,
+            difficult=opts.difficult,
+            progress=progress,
+            **opts.common,
+        )
+
+    return job
+
+
+def _plan_voc(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    year = {"voc07": "VOC2007", "voc12": "VOC2012"}.get(name)
+    candidates = [root / year, root / "VOCdevkit" / year, root] if year else [root]
+    voc_dir = next((c for c in candidates if _is_voc_dir(c)), None)
+    if voc_dir is None:
+        raise _missing(name, candidates[0], "VOC folder with Annotations/ and ImageSets/Main/")
+    return _plan_uodb_voc(name, voc_dir, images, opts)
+
+
+def _plan_coco(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    ann = _require_dir(name, root / "annotations", "annotations folder")
+    val2014 = _require_dir(name, root / "val2014", "val2014 image folder")
+    minival = ann / "instances_minival2014.json"
+    val2017 = ann / "instances_val2017.json"
+    if minival.is_file():
+        test_json, rename = minival, None
+    elif val2017.is_file():  # val2017 == minival2014 (same images), named the 2017 way
+        test_json, rename = val2017, coco2014_val_name
+    else:
+        raise _missing(name, minival, "test annotations (or instances_val2017.json)")
+    vmm = ann / "instances_valminusminival2014.json"
+    if vmm.is_file():
+        train_json, exclude_from = vmm, None
+    else:
+        train_json = _require_file(
+            name,
+            ann / "instances_val2014.json",
+            "train annotations instances_valminusminival2014.json (or instances_val2014.json)",
+        )
+        exclude_from = test_json
+
+    def train(json_out: Path, progress: bool) -> ConversionReport:
+        exclude: set[int] = set()
+        if exclude_from is not None:
+            exclude = {int(img["id"]) for img in load_coco_json(exclude_from)["images"]}
+        return convert_coco(
+            train_json,
+            json_out,
+            exclude_image_ids=exclude,
+            dataset=name,
+            split="train",
+            progress=progress,
+            **opts.common,
+        )
+
+    def test(json_out: Path, progress: bool) -> ConversionReport:
+        return convert_coco(
+            test_json,
+            json_out,
+            file_name_fn=rename,
+            dataset=name,
+            split="test",
+            progress=progress,
+            **opts.common,
+        )
+
+    return _Plan(jobs={"train": train, "test": test}, image_link=val2014)
+
+
+def _plan_kitti(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    label_dir = _require_dir(name, root / "training" / "label_2", "label folder")
+    image_dir = _require_dir(name, root / "training" / "image_2", "image folder")
+    lists = _read_split_lists(name, root)
+    ids = list_kitti_ids(label_dir)
+    if not ids:
+        raise DatasetError(f"{name}: no label files (*.txt) in {label_dir}")
+    by_split: dict[str, list[str]] = {"train": [], "test": []}
+    for image_id in ids:
+        split = _assign(image_id, lists, opts.kitti_test_fraction)
+        if split is not None:
+            by_split[split].append(image_id)
+    jobs = {
+        split: partial(_kitti_job, label_dir, image_dir, split, ids_, opts)
+        for split, ids_ in by_split.items()
+    }
+    return _Plan(jobs=jobs, image_link=image_dir)
+
+
+def _kitti_job(
+    label_dir: Path,
+    image_dir: Path,
+    split: str,
+    ids: list[str],
+    opts: PrepareOptions,
+    json_out: Path,
+    progress: bool,
+) -> ConversionReport:
+    return convert_kitti(
+        label_dir, image_dir, json_out, image_ids=ids, split=split, progress=progress, **opts.common
+    )
+
+
+def _plan_widerface(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    split_dir = _require_dir(name, root / "wider_face_split", "wider_face_split folder")
+    jobs: dict[str, _Job] = {}
+    sublinks: dict[str, Path] = {}
+    for split, source in (("train", "train"), ("test", "val")):
+        gt = _require_file(name, split_dir / f"wider_face_{source}_bbx_gt.txt", "annotation file")
+        folder = f"WIDER_{source}"
+        image_dir = _require_dir(name, root / folder / "images", "image folder")
+        sublinks[folder] = image_dir
+
+        def job(
+            json_out: Path,
+            progress: bool,
+            *,
+            gt: Path = gt,
+            image_dir: Path = image_dir,
+            split: str = split,
+            folder: str = folder,
+        ) -> ConversionReport:
+            return convert_widerface(
+                gt,
+                image_dir,
+                json_out,
+                invalid=opts.difficult,
+                file_name_prefix=f"{folder}/",
+                split=split,
+                progress=progress,
+                **opts.common,
+            )
+
+        jobs[split] = job
+    return _Plan(jobs=jobs, image_sublinks=sublinks)
+
+
+def _plan_dota(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    jobs: dict[str, _Job] = {}
+    sublinks: dict[str, Path] = {}
+    for split, source in (("train", "train"), ("test", "val")):
+        base = _require_dir(name, root / source, f"{source} folder")
+        label_candidates = [
+            base / "labelTxt",
+            base / "labelTxt-v1.0" / "labelTxt",
+            base / "labelTxt-v1.0",
+        ]
+        label_dir = next((c for c in label_candidates if c.is_dir()), None)
+        if label_dir is None:
+            raise _missing(name, label_candidates[0], "labelTxt folder")
+        image_dir = _require_dir(name, base / "images", "image folder")
+        sublinks[source] = image_dir
+
+        def job(
+            json_out: Path,
+            progress: bool,
+            *,
+            label_dir: Path = label_dir,
+            image_dir: Path = image_dir,
+            split: str = split,
+            source: str = source,
+        ) -> ConversionReport:
+            return convert_dota(
+                label_dir,
+                image_dir,
+                json_out,
+                difficult=opts.difficult,
+                file_name_prefix=f"{source}/",
+                split=split,
+                progress=progress,
+                **opts.common,
+            )
+
+        jobs[split] = job
+    return _Plan(jobs=jobs, image_sublinks=sublinks)
+
+
+def _plan_lisa(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    csv_path = _require_file(name, root / "allAnnotations.csv", "allAnnotations.csv")
+    lists = _read_split_lists(name, root)
+
+    def select(split: str, row: dict[str, str]) -> bool:
+        key = row["Filename"] if lists is not None else lisa_group(row)
+        return _assign(key, lists, opts.lisa_test_fraction) == split
+
+    def make(split: str) -> _Job:
+        def job(json_out: Path, progress: bool) -> ConversionReport:
+            return convert_lisa(
+                csv_path,
+                root,
+                json_out,
+                include=partial(select, split),
+                split=split,
+                progress=progress,
+                **opts.common,
+            )
+
+        return job
+
+    return _Plan(jobs={s: make(s) for s in ("train", "test")}, image_link=root)
+
+
+def _plan_kitchen(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    scenes = list_kitchen_scenes(root)
+    if not scenes:
+        raise _missing(name, root / "gmu_scene_001" / "Annotations", "scene folders")
+    lists = _read_split_lists(name, root)
+    if lists is not None:
+        by_split = {s: [sc for sc in scenes if sc in lists[s]] for s in ("train", "test")}
+    else:
+        k = opts.kitchen_test_every
+        test = [sc for i, sc in enumerate(scenes) if i % k == k - 1]
+        by_split = {"train": [sc for sc in scenes if sc not in test], "test": test}
+
+    def make(split: str) -> _Job:
+        def job(json_out: Path, progress: bool) -> ConversionReport:
+            return convert_kitchen(
+                root,
+                by_split[split],
+                json_out,
+                difficult=opts.difficult,
+                split=split,
+                progress=progress,
+                **opts.common,
+            )
+
+        return job
+
+    return _Plan(jobs={s: make(s) for s in ("train", "test")}, image_link=root)
+
+
+def _plan_deeplesion(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    csv_path = _require_file(name, root / "DL_info.csv", "DL_info.csv")
+    png_dir = _require_dir(name, root / "Images_png", "Images_png folder")
+
+    def make(split: str, subsets: tuple[int, ...]) -> _Job:
+        def job(json_out: Path, progress: bool) -> ConversionReport:
+            return convert_deeplesion(
+                csv_path,
+                png_dir,
+                images,
+                json_out,
+                subsets=subsets,
+                split=split,
+                context_slices=opts.deeplesion_context_slices,
+                progress=progress,
+                **opts.common,
+            )
+
+        return job
+
+    return _Plan(
+        jobs={"train": make("train", (1, 2)), "test": make("test", (3,))}, writes_images=True
+    )
+
+
+_ORIGINAL_PLANS: dict[str, Callable[[str, Path, Path, PrepareOptions], _Plan]] = {
+    "coco": _plan_coco,
+    "voc07": _plan_voc,
+    "voc12": _plan_voc,
+    "clipart": _plan_voc,
+    "watercolor": _plan_voc,
+    "comic": _plan_voc,
+    "deeplesion": _plan_deeplesion,
+    "dota": _plan_dota,
+    "kitchen": _plan_kitchen,
+    "kitti": _plan_kitti,
+    "lisa": _plan_lisa,
+    "widerface": _plan_widerface,
+}
+
+
+def _make_plan(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    use_uodb_voc = name in UODB_VOC_IMAGE_SETS and (
+        opts.layout == "uodb-voc" or (opts.layout == "auto" and _is_voc_dir(root))
+    )
+    if use_uodb_voc:
+        if not _is_voc_dir(root):
+            raise _missing(name, root / "Annotations", "UODB VOC-layout folder (Annotations/)")
+        return _plan_uodb_voc(name, root, images, opts)
+    return _ORIGINAL_PLANS[name](name, root, images, opts)
+
+
+# --------------------------------------------------------------------------------------------
+# image folders
+
+
+def _copy_tree(target: Path, link: Path) -> None:
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(target, link, copy_function=link_or_copy)
+
+
+def _link_dir(link: Path, target: Path) -> None:
+    """Make ``link`` a symlink to ``target`` (replacing an old symlink), else a copy."""
+    target = target.resolve()
+    if link.is_symlink():
+        if link.resolve() == target:
+            return
+        link.unlink()
+    elif link.exists():
+        logger.warning("%s exists and is not a symlink; leaving it as it is", link)
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        link.symlink_to(target, target_is_directory=True)
+    except OSError as exc:
+        logger.warning(
+            "cannot symlink %s -> %s (%s); copying (hard links where possible)", link, target, exc
+        )
+        _copy_tree(target, link)
+
+
+def _prepare_images(plan: _Plan, images: Path) -> None:
+    if plan.image_link is not None:
+        _link_dir(images, plan.image_link)
+        return
+    if images.is_symlink():  # left by an earlier run with another layout
+        images.unlink()
+    images.mkdir(parents=True, exist_ok=True)
+    for sub, target in plan.image_sublinks.items():
+        _link_dir(images / sub, target)
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def prepare_uodb(
+    src: Path | str,
+    out: Path | str,
+    datasets: Sequence[str] | None = None,
+    *,
+    options: PrepareOptions | None = None,
+    skip_missing: bool = False,
+    progress: bool = True,
+) -> dict[str, dict[str, ConversionReport]]:
+    """Convert the original releases under ``src`` into UODB's COCO layout under ``out``.
+
+    Args:
+        src: ORIGINALS_DIR, one folder per dataset name (layout in the module docstring).
+        out: output root; writes ``out/NAME/annotations/{train,test}.json`` and
+            ``out/NAME/images``.
+        datasets: names from ``UODB_DATASETS`` (default: all, in that order).
+        options: conversion options (default :class:`PrepareOptions`).
+        skip_missing: leave out datasets whose folder under ``src`` does not exist (logged)
+            instead of failing.
+        progress: show tqdm progress bars.
+
+    Returns:
+        ``{dataset: {split: ConversionReport}}``.
+
+    Raises:
+        DatasetError: a missing folder or file (named, with the expected layout), or bad input
+            with ``on_bad_sample="error"``. All layouts are checked before anything is
+            converted.
+    """
+    src, out = Path(src), Path(out)
+    opts = options or PrepareOptions()
+    names = list(UODB_DATASETS if datasets is None else datasets)
+    unknown = [n for n in names if n not in UODB_DATASETS]
+    if unknown:
+        raise DatasetError(f"unknown dataset(s) {unknown}; expected some of {UODB_DATASETS}")
+    if not src.is_dir():
+        raise DatasetError(f"originals folder not found: {src}")
+    plans: dict[str, _Plan] = {}
+    for name in dict.fromkeys(names):
+        root = src / name
+        if not root.is_dir():
+            if skip_missing:
+                logger.warning("%s: %s not found; skipped", name, root)
+                continue
+            raise _missing(name, root, "dataset folder")
+        plans[name] = _make_plan(name, root, out / name / "images", opts)
+
+    reports: dict[str, dict[str, ConversionReport]] = {}
+    total = sum(len(p.jobs) for p in plans.values())
+    with tqdm(total=total, desc="UODB", unit="split", disable=not progress) as bar:
+        for name, plan in plans.items():
+            images = out / name / "images"
+            if plan.writes_images:
+                if images.is_symlink():
+                    images.unlink()
+                images.mkdir(parents=True, exist_ok=True)
+            reports[name] = {}
+            for split, job in plan.jobs.items():
+                bar.set_postfix_str(f"{name}/{split}")
+                report = job(out / name / "annotations" / f"{split}.json", progress)
+                report.dataset = name
+                reports[name][split] = report
+                logger.info(
+                    "%s/%s: %d images, %d boxes, %d ignored, %d skipped -> %s",
+                    name,
+                    split,
+                    report.images,
+                    report.boxes,
+                    report.ignored,
+                    report.num_skipped,
+                    report.json_path,
+                )
+                bar.update(1)
+            if not plan.writes_images:
+                _prepare_images(plan, images)
+    return reports
+
+
+def format_summary(reports: dict[str, dict[str, ConversionReport]]) -> str:
+    """A plain-text table of the counts, then the skip reasons."""
+    head = ("dataset", "split", "images", "boxes", "ignored", "clipped", "empty", "skipped")
+    rows = [head]
+    reasons: list[str] = []
+    for name, splits in reports.items():
+        for split, r in splits.items():
+            rows.append(
+                (
+                    name,
+                    split,
+                    str(r.images),
+                    str(r.boxes),
+                    str(r.ignored),
+                    str(r.clipped),
+                    str(r.empty_images),
+                    str(r.num_skipped),
+                )
+            )
+            for reason, count in sorted(r.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
+                example = r.examples.get(reason, [""])[0]
+                reasons.append(f"  {name}/{split}: {count} x {reason} (first: {example})")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if reasons:
+        lines += ["", "skipped records:", *reasons]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python tools/prepare_uodb.py --src ORIGINALS_DIR --out data/uodb [...]``."""
+    parser = argparse.ArgumentParser(
+        prog="prepare_uodb",
+        description="Rebuild UODB (COCO JSON per dataset split) from the original releases. "
+        f"Expected layout under --src: {_DOC}.",
+    )
+    parser.add_argument("--src", required=True, type=Path, help="ORIGINALS_DIR")
+    parser.add_argument("--out", required=True, type=Path, help="output root, e.g. data/uodb")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=UODB_DATASETS,
+        default=None,
+        metavar="NAME",
+        help=f"subset of {UODB_DATASETS} (default: all)",
+    )
+    parser.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
+    parser.add_argument("--out-of-bounds", choices=("clip", "error"), default="clip")
+    parser.add_argument(
+        "--difficult",
+        choices=("ignore", "drop", "keep"),
+        default="ignore",
+        help="VOC/DOTA difficult objects and WIDER invalid faces",
+    )
+    parser.add_argument("--layout", choices=("auto", "original", "uodb-voc"), default="auto")
+    parser.add_argument("--deeplesion-context-slices", action="store_true")
+    parser.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="leave out datasets whose folder is missing instead of failing",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    options = PrepareOptions(
+        on_bad_sample=args.on_bad_sample,
+        out_of_bounds=args.out_of_bounds,
+        difficult=args.difficult,
+        layout=args.layout,
+        deeplesion_context_slices=args.deeplesion_context_slices,
+    )
+    try:
+        reports = prepare_uodb(
+            args.src,
+            args.out,
+            args.datasets,
+            options=options,
+            skip_missing=args.skip_missing,
+            progress=not args.no_progress,
+        )
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(reports))
+    return 0
