@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 import xml.parsers.expat
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -501,8 +502,11 @@ def read_image_size(path: Path, *, where: str) -> tuple[int, int]:
         BadRecord: the image is missing (``"missing image"``) or unreadable (``"bad image"``).
     """
     try:
-        with Image.open(path) as im:
-            width, height = im.size
+        with warnings.catch_warnings():
+            # Only the header is read, so large aerial images are no decompression bomb.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
     except FileNotFoundError:
         raise BadRecord(where, f"image not found: {path}", "missing image") from None
     except (UnidentifiedImageError, OSError) as exc:

@@ -118,6 +118,8 @@ class PrepareOptions:
         lisa_test_fraction: default LISA split.
         kitchen_test_every: every n-th scene (sorted) is a test scene.
         deeplesion_context_slices: write (slice-1, slice, slice+1) RGB PNGs.
+        overwrite_images: rewrite converted images (DeepLesion PNGs) that already exist;
+            needed after changing ``deeplesion_context_slices``.
     """
 
     on_bad_sample: OnBadSample = "error"
@@ -128,6 +130,7 @@ class PrepareOptions:
     lisa_test_fraction: float = 0.2
     kitchen_test_every: int = 3
     deeplesion_context_slices: bool = False
+    overwrite_images: bool = False
 
     def __post_init__(self) -> None:
         check_choice("on_bad_sample", self.on_bad_sample, ("error", "skip"))
@@ -485,6 +488,7 @@ def _plan_deeplesion(name: str, root: Path, images: Path, opts: PrepareOptions) 
                 subsets=subsets,
                 split=split,
                 context_slices=opts.deeplesion_context_slices,
+                overwrite_images=opts.overwrite_images,
                 progress=progress,
                 **opts.common,
             )
@@ -711,6 +715,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layout", choices=("auto", "original", "uodb-voc"), default="auto")
     parser.add_argument("--deeplesion-context-slices", action="store_true")
     parser.add_argument(
+        "--overwrite-images",
+        action="store_true",
+        help="rewrite converted images (DeepLesion PNGs) that already exist",
+    )
+    parser.add_argument(
         "--skip-missing",
         action="store_true",
         help="leave out datasets whose folder is missing instead of failing",
@@ -728,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         difficult=args.difficult,
         layout=args.layout,
         deeplesion_context_slices=args.deeplesion_context_slices,
+        overwrite_images=args.overwrite_images,
     )
     try:
         reports = prepare_uodb(

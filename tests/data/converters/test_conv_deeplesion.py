@@ -115,3 +115,13 @@ def test_deeplesion_size_mismatch_and_empty_csv(dl: Path, tmp_path: Path) -> Non
     (dl / "DL_info.csv").write_text("")
     with pytest.raises(DatasetError, match=r"DL_info\.csv: empty annotation file"):
         _convert(dl, tmp_path)
+
+
+def test_deeplesion_existing_png_kept_unless_overwrite(dl: Path, tmp_path: Path) -> None:
+    _, out = _convert(dl, tmp_path)
+    png = out / "images/000089_01_01/037.png"
+    Image.fromarray(np.zeros((512, 512), dtype=np.uint8)).save(png)
+    _convert(dl, tmp_path)
+    assert np.asarray(Image.open(png))[DL_PIXEL_HU0] == 0  # complete file kept as is
+    _convert(dl, tmp_path, overwrite_images=True)
+    assert np.asarray(Image.open(png))[DL_PIXEL_HU0] == 99
