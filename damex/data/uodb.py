@@ -57,10 +57,10 @@ UODB_CLASSES: dict[str, list[str]] = {
     "kitti": ["pedestrian", "cyclist", "vehicle"],
     "lisa": ["stop", "speedlimit", "warning", "noturn"],
     "widerface": ["face"],
-    "dota": [
-        "plane", "ship", "storage-tank", "baseball-diamond", "tennis-court", "basketball-court",
-        "ground-track-field", "harbor", "bridge", "large-vehicle", "small-vehicle", "helicopter",
-        "roundabout", "soccer-ball-field", "swimming-pool",
+    "dota": [  # DOTA-devkit order, as UODB's dota_voc.py and DAMEX's voc_to_coco.py
+        "plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle",
+        "large-vehicle", "ship", "tennis-court", "basketball-court", "storage-tank",
+        "soccer-ball-field", "roundabout", "harbor", "swimming-pool", "helicopter",
     ],
     "kitchen": [
         "coca_cola_glass_bottle", "coffee_mate_french_vanilla",
