@@ -1,0 +1,66 @@
+"""Mixture-of-experts core: router, dispatch, experts, ``MoEFFN``, losses, maps, statistics.
+
+Knows nothing of detection (no ``damex.modeling`` / ``damex.data`` imports).
+"""
+
+from damex.moe.dispatch import (
+    DispatchPlan,
+    capacity_per_group,
+    combine,
+    dispatch,
+    group_index,
+    plan_dispatch,
+)
+from damex.moe.experts import ACTIVATIONS, Experts, expert_ffn
+from damex.moe.layer import MoEFFN
+from damex.moe.losses import (
+    MOE_LOSSES,
+    damex_loss,
+    load_importance_loss,
+    moe_loss,
+    router_z_loss,
+    switch_loss,
+)
+from damex.moe.mapping import ExpertMap, propose_mapping, validate_expert_map
+from damex.moe.parallel import (
+    all_to_all_autograd,
+    expert_parallel_forward,
+    expert_parameter_names,
+    ignore_expert_params_in_ddp,
+    register_expert_grad_scaling,
+)
+from damex.moe.router import ROUTER_KINDS, RouterOutput, TopKRouter
+from damex.moe.stats import RoutingStats
+from damex.moe.types import RoutingInfo
+
+__all__ = [
+    "ACTIVATIONS",
+    "MOE_LOSSES",
+    "ROUTER_KINDS",
+    "DispatchPlan",
+    "ExpertMap",
+    "Experts",
+    "MoEFFN",
+    "RouterOutput",
+    "RoutingInfo",
+    "RoutingStats",
+    "TopKRouter",
+    "all_to_all_autograd",
+    "capacity_per_group",
+    "combine",
+    "damex_loss",
+    "dispatch",
+    "expert_ffn",
+    "expert_parallel_forward",
+    "expert_parameter_names",
+    "group_index",
+    "ignore_expert_params_in_ddp",
+    "load_importance_loss",
+    "moe_loss",
+    "plan_dispatch",
+    "propose_mapping",
+    "register_expert_grad_scaling",
+    "router_z_loss",
+    "switch_loss",
+    "validate_expert_map",
+]

@@ -1,0 +1,174 @@
+"""``MoEFFN``: router + capacity/dispatch + experts + combine -> ``(y, RoutingInfo)``.
+
+The layer returns only the combined expert output; the caller (the decoder layer) owns the
+pre-norm, DropPath and residual (official DAMEX: ``out = x + DropPath(MoE(LN(x)))``, spec §2.3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from damex.moe.dispatch import capacity_per_group, combine, dispatch, group_index, plan_dispatch
+from damex.moe.experts import Experts
+from damex.moe.parallel import expert_parallel_forward
+from damex.moe.router import TopKRouter
+from damex.moe.types import RoutingInfo
+
+__all__ = ["MoEFFN"]
+
+
+class MoEFFN(nn.Module):
+    """Sparse mixture-of-experts feed-forward block (DESIGN.md §4).
+
+    ``y_t = sum_j kept_tj * gate_tj * Expert_{e_tj}(x_t)``: a linear (or cosine) router with
+    train-time noise picks the top-k experts of each token; each (capacity group, expert) pair
+    takes at most ``C_g`` assignments, highest gate first (batch-prioritized routing); dropped
+    assignments contribute 0.
+
+    Args:
+        d_model: token width ``d``.
+        hidden_dim: expert hidden width ``h``.
+        num_experts: ``E`` (global; independent of the world size).
+        top_k: experts per token.
+        capacity_factor: ``C_g = max(1, floor(|cf| * k * T_g / E))``; 0 = no drop; < 0 =
+            tutel's capped dynamic capacity, which drops the same tokens as ``|cf|``.
+        capacity_group: ``"image"`` (one group per ``token_image`` value; official with one
+            image per GPU) or ``"batch"`` (all tokens of the call).
+        gate_noise: train-time logit noise ``N(0, 1) * gate_noise / E``.
+        router: ``"linear"`` (no bias) or ``"cosine"``.
+        activation: expert activation (``"gelu"`` in DAMEX).
+        dropout: dropout inside the experts.
+        fc2_bias: trainable fc2 bias (True) or none (False). The official frozen-random fc2
+            bias (spec §3.4 Q9) is deliberately not reproduced.
+        normalize_gate: renormalize the k gates of a token (k > 1).
+        expert_parallel_group: a process group to spread the experts over (``E % W == 0``);
+            None = all experts local. All ranks must construct the layer from the same RNG
+            state so that the shards together equal the single-process experts.
+        cpu_threads: expert GEMM threading on CPU (see :func:`damex.moe.experts.expert_ffn`).
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        capacity_factor: float = 1.25,
+        capacity_group: str = "image",
+        gate_noise: float = 1.0,
+        router: str = "linear",
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        fc2_bias: bool = True,
+        normalize_gate: bool = False,
+        expert_parallel_group: dist.ProcessGroup | None = None,
+        cpu_threads: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if capacity_group not in ("image", "batch"):
+            raise ValueError(f"capacity_group must be 'image' or 'batch', got {capacity_group!r}")
+        self.d_model = d_model
+        self.hidden_dim = hidden_dim
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = float(capacity_factor)
+        self.capacity_group = capacity_group
+        self.router = TopKRouter(
+            d_model=d_model,
+            num_experts=num_experts,
+            top_k=top_k,
+            gate_noise=gate_noise,
+            kind=router,
+            normalize_gate=normalize_gate,
+        )
+        expert_kwargs = dict(
+            d_model=d_model,
+            hidden_dim=hidden_dim,
+            activation=activation,
+            dropout=dropout,
+            fc2_bias=fc2_bias,
+            cpu_threads=cpu_threads,
+        )
+        self.experts = Experts(num_experts=num_experts, **expert_kwargs)
+        self.expert_parallel_group = expert_parallel_group
+        self.expert_offset = 0
+        if expert_parallel_group is not None:
+            world = dist.get_world_size(expert_parallel_group)
+            rank = dist.get_rank(expert_parallel_group)
+            if num_experts % world != 0:
+                raise ValueError(
+                    f"expert parallelism needs num_experts % world_size == 0, "
+                    f"got {num_experts} experts on {world} ranks"
+                )
+            local = num_experts // world
+            self.expert_offset = rank * local
+            full = self.experts
+            self.experts = Experts(num_experts=local, **expert_kwargs)
+            with torch.no_grad():
+                for name, param in self.experts.named_parameters():
+                    param.copy_(
+                        getattr(full, name)[self.expert_offset : self.expert_offset + local]
+                    )
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.experts.num_experts
+
+    def extra_repr(self) -> str:
+        return (
+            f"capacity_factor={self.capacity_factor}, capacity_group={self.capacity_group}, "
+            f"expert_offset={self.expert_offset}"
+        )
+
+    def forward(self, x: Tensor, token_image: Tensor | None = None) -> tuple[Tensor, RoutingInfo]:
+        """Route, dispatch, compute and combine.
+
+        Args:
+            x: ``[T, d]`` tokens (already normalized by the caller if pre-norm).
+            token_image: ``int64 [T]`` image index of each token (capacity groups and, later,
+                the DAMEX targets); None = all tokens in one group, ``token_image`` all zeros.
+
+        Returns:
+            ``y [T, d]`` (only the expert mixture: zero rows for dropped tokens; in the autocast
+            dtype under autocast) and the :class:`RoutingInfo`.
+        """
+        if x.dim() != 2 or x.shape[1] != self.d_model:
+            raise ValueError(f"MoEFFN expects x of shape [T, {self.d_model}], got {tuple(x.shape)}")
+        num_tokens = x.shape[0]
+        if token_image is not None and tuple(token_image.shape) != (num_tokens,):
+            raise ValueError(
+                f"token_image must be [T={num_tokens}], got {tuple(token_image.shape)}"
+            )
+        route = self.router(x)  # logits / expert / gate
+        group, num_groups = group_index(token_image, num_tokens, self.capacity_group, x.device)
+        capacity = capacity_per_group(
+            torch.bincount(group, minlength=num_groups),
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            capacity_factor=self.capacity_factor,
+        )
+        plan = plan_dispatch(
+            route.expert, route.gate, group, num_groups, self.num_experts, capacity
+        )
+        routed = dispatch(x, plan)  # [N, d], expert-sorted
+        if self.expert_parallel_group is None:
+            out = self.experts(routed, plan.counts)  # [N, d]
+        else:
+            out = expert_parallel_forward(
+                self.experts, routed, plan.counts, self.expert_parallel_group
+            )
+        y = combine(out, plan, route.gate, num_tokens)  # [T, d]
+        if token_image is None:
+            token_image = torch.zeros(num_tokens, dtype=torch.long, device=x.device)
+        info = RoutingInfo(
+            logits=route.logits,
+            noisy_logits=route.noisy_logits,
+            expert=route.expert,
+            gate=route.gate,
+            kept=plan.kept,
+            token_image=token_image,
+        )
+        return y, info
