@@ -330,7 +330,9 @@ class Backbone(nn.Module):
         body = self.body
         m = ctx.apply if ctx is not None else (lambda t, s: t)
         x = body.relu(m(body.bn1(body.conv1(images)), 2))
-        x = body.maxpool(x)  # inputs >= 0, so zero padding equals the implicit -inf padding
+        # inputs >= 0, so the zeros of the padding act like the implicit -inf padding of the
+        # pool; its windows straddling the border leak into the padding: re-zero it
+        x = m(body.maxpool(x), 4)
         stride = 4
         outputs = []
         for idx in range(self.num_stages):
@@ -428,10 +430,9 @@ class ChannelMapper(nn.Module):
             inp = features[min(lvl, len(features) - 1)] if lvl <= len(features) else srcs[-1]
             y = proj[0](inp)
             mask = level_mask(valid_hw, self.strides[lvl], (y.shape[-2], y.shape[-1]))
-            if bool(mask.any()):
-                y = masked_group_norm(y, (~mask)[:, None], proj[1])
-            else:
-                y = proj[1](y)
+            # always the masked form: same arithmetic with or without padding, and it accepts a
+            # 1x1 map with one channel per group (F.group_norm refuses it in training)
+            y = masked_group_norm(y, (~mask)[:, None], proj[1])
             srcs.append(y)
             masks.append(mask)
         return srcs, masks

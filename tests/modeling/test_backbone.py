@@ -130,15 +130,21 @@ def test_backbone_and_neck_are_padding_invariant():
     _randomize_frozen_bn(bb)
     neck = ChannelMapper(in_channels=bb.channels, in_strides=bb.strides, d_model=32, num_levels=4)
     assert neck.strides == [8, 16, 32, 64]
-    image = torch.randn(1, 3, 70, 45)
+    # odd and stride-multiple valid sizes (the latter leak through pooling windows if unmasked)
+    for h, w in ((70, 45), (64, 64)):
+        _check_padding_invariance(bb, neck, h, w)
+
+
+def _check_padding_invariance(bb, neck, h, w):
+    image = torch.randn(1, 3, h, w)
     padded = torch.zeros(2, 3, 96, 96)
-    padded[0, :, :70, :45] = image[0]
+    padded[0, :, :h, :w] = image[0]
     padded[1] = torch.randn(3, 96, 96)
     mask = torch.ones(2, 96, 96, dtype=torch.bool)
-    mask[0, :70, :45] = False
+    mask[0, :h, :w] = False
     mask[1] = False
     with torch.no_grad():
-        alone_srcs, alone_masks = neck(bb(image), torch.tensor([[70, 45]]))
+        alone_srcs, alone_masks = neck(bb(image), torch.tensor([[h, w]]))
         srcs, masks = neck(bb(padded, mask), valid_sizes_from_mask(mask))
     for a, am, p, pm in zip(alone_srcs, alone_masks, srcs, masks):
         h, w = a.shape[-2:]

@@ -1,0 +1,208 @@
+"""``build_model``: the only place that reads the config for modeling (house rule 14)."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from damex.config import ModelConfig, MoEConfig
+from damex.errors import ConfigError
+
+__all__ = ["build_model"]
+
+logger = logging.getLogger(__name__)
+
+_FFN_KINDS = ("dense", "moe")
+
+
+def _validate(cfg: ModelConfig, num_classes: int) -> None:
+    def bad(key: str, expected: str, got: object) -> ConfigError:
+        return ConfigError(f"model.{key}: expected {expected}, got {got!r}")
+
+    if num_classes < 1:
+        raise ConfigError(f"num_classes (label space size) must be >= 1, got {num_classes}")
+    if cfg.d_model < 2 or cfg.d_model % cfg.nheads:
+        raise bad("d_model", f"a positive multiple of model.nheads={cfg.nheads}", cfg.d_model)
+    if cfg.d_model % 32:
+        raise bad("d_model", "a multiple of 32 (GroupNorm(32) in the neck)", cfg.d_model)
+    if cfg.dec_layers < 1:
+        raise bad("dec_layers", ">= 1", cfg.dec_layers)
+    if cfg.enc_layers < 0:
+        raise bad("enc_layers", ">= 0", cfg.enc_layers)
+    if len(cfg.decoder_ffn) != cfg.dec_layers:
+        raise bad("decoder_ffn", f"one entry per decoder layer ({cfg.dec_layers})", cfg.decoder_ffn)
+    unknown = [k for k in cfg.decoder_ffn if k not in _FFN_KINDS]
+    if unknown:
+        raise bad("decoder_ffn", f"entries in {_FFN_KINDS}", unknown)
+    if cfg.num_feature_levels < len(cfg.backbone.return_strides):
+        raise bad(
+            "num_feature_levels",
+            f">= len(model.backbone.return_strides)={len(cfg.backbone.return_strides)}",
+            cfg.num_feature_levels,
+        )
+    if cfg.num_queries < 1:
+        raise bad("num_queries", ">= 1", cfg.num_queries)
+
+
+def _build_moe_block(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> nn.Module:
+    from damex.modeling.transformer import MoEBlock
+    from damex.moe import MoEFFN
+
+    moe = MoEFFN(
+        d_model=model_cfg.d_model,
+        hidden_dim=model_cfg.dim_feedforward,
+        num_experts=moe_cfg.num_experts,
+        top_k=moe_cfg.top_k,
+        capacity_factor=moe_cfg.capacity_factor,
+        capacity_group=moe_cfg.capacity_group,
+        gate_noise=moe_cfg.gate_noise,
+        router=moe_cfg.router,
+        activation=moe_cfg.activation,
+        dropout=moe_cfg.dropout,
+        fc2_bias=moe_cfg.fc2_bias,
+        normalize_gate=moe_cfg.normalize_gate,
+    )
+    return MoEBlock(moe=moe, d_model=model_cfg.d_model, drop_path=moe_cfg.drop_path)
+
+
+def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, num_classes: int) -> nn.Module:
+    """Build the DINO detector (with MoE decoder FFNs where ``model.decoder_ffn`` says ``moe``).
+
+    Args:
+        model_cfg: ``cfg.model``.
+        moe_cfg: ``cfg.moe`` (read only if some decoder layer is ``moe``).
+        num_classes: size of the unified label space (head outputs).
+
+    Returns:
+        A ``damex.modeling.dino.DINO``.
+
+    Raises:
+        ConfigError: naming the offending key.
+    """
+    _validate(model_cfg, num_classes)
+    from damex.modeling.backbone import Backbone, ChannelMapper
+    from damex.modeling.deform_attn import MSDeformAttn
+    from damex.modeling.dense_head import DenseHead
+    from damex.modeling.dino import DINO
+    from damex.modeling.transformer import (
+        FFN,
+        BoxHead,
+        ClassHead,
+        DecoderLayer,
+        DeformableDecoder,
+        DeformableEncoder,
+        DeformableTransformer,
+        EncoderLayer,
+    )
+
+    m = model_cfg
+    bcfg = m.backbone
+    try:
+        backbone = Backbone(
+            name=bcfg.name,
+            return_strides=tuple(bcfg.return_strides),
+            frozen_stages=bcfg.frozen_stages,
+            frozen_bn=bcfg.frozen_bn,
+            weights=bcfg.weights,
+        )
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise ConfigError(f"model.backbone: {exc}") from exc
+    neck = ChannelMapper(
+        in_channels=backbone.channels,
+        in_strides=backbone.strides,
+        d_model=m.d_model,
+        num_levels=m.num_feature_levels,
+    )
+    encoder = DeformableEncoder(
+        layers=[
+            EncoderLayer(
+                d_model=m.d_model,
+                n_heads=m.nheads,
+                n_levels=m.num_feature_levels,
+                n_points=m.enc_n_points,
+                dim_feedforward=m.dim_feedforward,
+                dropout=m.dropout,
+            )
+            for _ in range(m.enc_layers)
+        ]
+    )
+    layers = []
+    for kind in m.decoder_ffn:
+        if kind == "moe":
+            ffn = _build_moe_block(m, moe_cfg)
+        else:
+            ffn = FFN(d_model=m.d_model, hidden_dim=m.dim_feedforward, dropout=m.dropout)
+        layers.append(
+            DecoderLayer(
+                self_attn=nn.MultiheadAttention(
+                    m.d_model, m.nheads, dropout=m.dropout, batch_first=True
+                ),
+                cross_attn=MSDeformAttn(
+                    d_model=m.d_model,
+                    n_levels=m.num_feature_levels,
+                    n_heads=m.nheads,
+                    n_points=m.dec_n_points,
+                ),
+                ffn=ffn,
+                d_model=m.d_model,
+                dropout=m.dropout,
+            )
+        )
+    decoder = DeformableDecoder(
+        layers=layers,
+        d_model=m.d_model,
+        class_head=ClassHead(d_model=m.d_model, num_classes=num_classes),
+        box_head=BoxHead(d_model=m.d_model),
+    )
+    accel = m.accel
+    transformer = DeformableTransformer(
+        encoder=encoder,
+        decoder=decoder,
+        d_model=m.d_model,
+        num_levels=m.num_feature_levels,
+        num_queries=m.num_queries,
+        num_classes=num_classes,
+        two_stage=m.two_stage,
+        one_to_many_queries=accel.one_to_many_queries if accel.one_to_many else 0,
+        pe_temperature=m.pe_temperature,
+    )
+    dense_head = None
+    if accel.dense_head:
+        dense_head = DenseHead(d_model=m.d_model, num_classes=num_classes, strides=neck.strides)
+        if accel.dense_head_queries > 0:
+            logger.warning(
+                "model.accel.dense_head_queries=%d is not implemented; the dense head trains the "
+                "encoder through its loss only",
+                accel.dense_head_queries,
+            )
+    dn = m.dn
+    label_embed = nn.Embedding(num_classes + 1, m.d_model) if dn.enabled and dn.number > 0 else None
+    model = DINO(
+        backbone=backbone,
+        neck=neck,
+        transformer=transformer,
+        num_classes=num_classes,
+        label_embed=label_embed,
+        dn_number=dn.number if dn.enabled else 0,
+        dn_label_noise_ratio=dn.label_noise_ratio,
+        dn_box_noise_scale=dn.box_noise_scale,
+        pixel_mean=tuple(m.pixel_mean),
+        pixel_std=tuple(m.pixel_std),
+        dense_head=dense_head,
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(
+        "built DINO: %s, d=%d, %d enc / %d dec layers (%s), %d queries, %.2fM params "
+        "(%.2fM trainable)",
+        bcfg.name,
+        m.d_model,
+        m.enc_layers,
+        m.dec_layers,
+        ",".join(m.decoder_ffn),
+        m.num_queries,
+        n_params / 1e6,
+        n_train / 1e6,
+    )
+    return model
