@@ -67,7 +67,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Bump whenever the generated content changes: ensure_benchmark() regenerates stale folders.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER_FILE = ".damex_synthetic.json"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -384,7 +384,7 @@ def _aerial_plane(cv: _Canvas, rng: np.random.Generator, f: _Frame) -> Box | Non
 
 
 def _aerial_ship(cv: _Canvas, rng: np.random.Generator, f: _Frame) -> Box | None:
-    hull = f.pts((0.5, 0), (0.3, 0.14), (-0.5, 0.14), (-0.5, -0.14), (0.3, -0.14))
+    hull = f.pts((0.5, 0), (0.3, 0.18), (-0.5, 0.18), (-0.5, -0.18), (0.3, -0.18))
     box = cv.poly(hull, _jitter(rng, (235, 235, 240), 8))
     cv.poly(f.rect(-0.33, -0.07, 0.03, 0.07), _jitter(rng, (90, 90, 110), 10))
     return box
