@@ -327,11 +327,6 @@ def test_build_criterion_from_config():
 
 
 # -------------------------------------------------------------------------------- MoE
-# TODO(#5): drop this guard once damex/moe/losses.py lands (the MoE tests need it)
-_needs_moe_losses = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("damex.moe.losses") is None,
-    reason="damex.moe.losses not written yet",
-)
 E = 4
 
 
@@ -397,7 +392,6 @@ def _ce_ref(infos: list[RoutingInfo], masks: list[torch.Tensor], expert_ids: tor
     return torch.stack(vals).mean()
 
 
-@_needs_moe_losses
 def test_damex_all_tokens_matches_reference_and_is_layout_invariant():
     targets = _targets()
     experts = torch.tensor([1, 3])
@@ -452,7 +446,6 @@ def test_damex_all_tokens_matches_reference_and_is_layout_invariant():
     torch.testing.assert_close(im["unweighted/loss_moe"], out["unweighted/loss_moe"])
 
 
-@_needs_moe_losses
 def test_damex_foreground_selects_matched_tokens_and_gradient_flows():
     targets = _targets()
     experts = torch.tensor([2, 0])
@@ -476,7 +469,6 @@ def test_damex_foreground_selects_matched_tokens_and_gradient_flows():
     )
 
 
-@_needs_moe_losses
 @pytest.mark.parametrize("mode", ["matching_only", "exclude_dn"])
 def test_damex_token_modes_match_reference(mode):
     targets = _targets()
@@ -488,7 +480,6 @@ def test_damex_token_modes_match_reference(mode):
     torch.testing.assert_close(out["unweighted/loss_moe"], ref.detach())
 
 
-@_needs_moe_losses
 def test_damex_ignores_images_without_expert():
     targets = _targets()
     info = _routing(2, Q, 4, 2, seed=8)
@@ -500,7 +491,6 @@ def test_damex_ignores_images_without_expert():
     assert info.logits.grad[info.token_image == 1].abs().sum() == 0
 
 
-@_needs_moe_losses
 @pytest.mark.parametrize("loss", ["load_importance", "load_importance_corrected", "switch"])
 def test_balance_losses_on_foreground_tokens(loss):
     from damex.moe import losses as moe_losses
