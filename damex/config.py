@@ -180,7 +180,6 @@ class ModelConfig:
     dn: DNConfig = field(default_factory=DNConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     accel: AcceleratorConfig = field(default_factory=AcceleratorConfig)
-    num_select: int = 300
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
 
@@ -503,7 +502,7 @@ def _validate(cfg: Config, source: str) -> None:
     positive = [
         "model.d_model", "model.nheads", "model.dec_layers", "model.dim_feedforward",
         "model.num_queries", "model.num_feature_levels", "model.enc_n_points",
-        "model.dec_n_points", "model.num_select", "moe.num_experts", "moe.top_k",
+        "model.dec_n_points", "moe.num_experts", "moe.top_k",
         "train.batch_size", "train.grad_accum", "train.log_every", "train.max_nonfinite",
         "data.max_size", "eval.batch_size", "eval.num_select",
     ]  # fmt: skip
