@@ -30,6 +30,7 @@ Exact resume: ``state_dict()`` records the epoch and the number of *global* batc
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -47,6 +48,8 @@ __all__ = [
     "limited_subset",
     "derive_seed",
 ]
+
+logger = logging.getLogger(__name__)
 
 SAMPLER_MODES = ("proportional", "uniform", "temperature", "repeat_factor")
 
@@ -288,6 +291,14 @@ class DatasetAwareSampler(Sampler[list[int]]):
                 mine = order[datasets == d].tolist()
                 stop = len(mine) - len(mine) % bs if self.drop_last else len(mine)
                 batches.extend(mine[i : i + bs] for i in range(0, stop, bs))
+                if mine and stop == 0 and self.epoch == 0:
+                    logger.warning(
+                        "homogeneous batches: dataset %d has %d samples per epoch, fewer than "
+                        "batch_size %d, so it is never sampled (drop_last)",
+                        d,
+                        len(mine),
+                        bs,
+                    )
             g = self._generator(1)
             perm = torch.randperm(len(batches), generator=g).tolist()
             batches = [batches[i] for i in perm]

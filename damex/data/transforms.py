@@ -250,12 +250,12 @@ def build_transforms(
     max_size = int(data_cfg.max_size)
     test_scale = int(data_cfg.test_scale) or None
     if data_cfg.per_dataset_scales and spec is not None:
-        if getattr(spec, "scales", None):
+        if spec.scales:
             scales = [int(s) for s in spec.scales]
             test_scale = None  # follows the dataset's scales unless it names a test scale
-        if getattr(spec, "max_size", None):
+        if spec.max_size:
             max_size = int(spec.max_size)
-        if getattr(spec, "test_scale", None):
+        if spec.test_scale:
             test_scale = int(spec.test_scale)
     if train:
         return TrainTransform(

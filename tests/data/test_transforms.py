@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from damex.config import DataConfig
+from damex.data.catalog import DatasetSpec
 from damex.data.transforms import EvalTransform, TrainTransform, build_transforms, resize_shape
 from damex.structures import Sample
 
@@ -137,24 +140,27 @@ def test_empty_and_degenerate_boxes():
     torch.testing.assert_close(out.boxes, torch.tensor([[75.0, 5, 80, 10]]), atol=1e-3, rtol=0)
 
 
-class _Spec:
-    scales = [480, 512]
-    test_scale = 512
-    max_size = 900
+def _spec() -> DatasetSpec:
+    return DatasetSpec(
+        name="d", image_root=Path("."), scales=[480, 512], test_scale=512, max_size=900
+    )
 
 
 def test_build_transforms_shared_and_per_dataset_scales():
     cfg = DataConfig()
-    train = build_transforms(cfg, _Spec(), train=True)
+    train = build_transforms(cfg, _spec(), train=True)
     assert isinstance(train, TrainTransform)
     assert train.scales == list(range(480, 801, 32)) and train.max_size == 1333
-    test = build_transforms(cfg, _Spec(), train=False)
+    test = build_transforms(cfg, _spec(), train=False)
     assert isinstance(test, EvalTransform) and (test.scale, test.max_size) == (800, 1333)
     per = DataConfig(per_dataset_scales=True)
-    assert build_transforms(per, _Spec(), train=True).scales == [480, 512]
-    test = build_transforms(per, _Spec(), train=False)
+    assert build_transforms(per, _spec(), train=True).scales == [480, 512]
+    test = build_transforms(per, _spec(), train=False)
     assert (test.scale, test.max_size) == (512, 900)
     assert build_transforms(DataConfig(test_scale=600), None, train=False).scale == 600
+    only_scales = DatasetSpec(name="e", image_root=Path("."), scales=[480, 544])
+    test = build_transforms(per, only_scales, train=False)
+    assert (test.scale, test.max_size) == (544, 1333)  # follows the dataset's scales
     no_crop = build_transforms(DataConfig(crop=False, hflip=False), None, train=True)
     out = no_crop(_sample(), np.random.default_rng(0))
     assert min(out.size) in range(480, 801, 32)
