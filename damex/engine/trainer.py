@@ -804,9 +804,8 @@ class _Trainer:
             st.nonfinite_total += 1
             st.nonfinite_consecutive += 1
             logger.warning(
-                "iteration %d: non-finite loss or gradient, step skipped (%d in a row, %d in "
-                "total)",
-                st.iteration,
+                "step %d: non-finite loss or gradient, step skipped (%d in a row, %d in total)",
+                st.iteration + 1,
                 st.nonfinite_consecutive,
                 st.nonfinite_total,
             )
@@ -815,8 +814,8 @@ class _Trainer:
                 self.run_log.close()
                 kept = ckpt.last_path(self.out_dir)
                 raise TrainingError(
-                    f"{st.nonfinite_consecutive} consecutive non-finite losses/gradients at "
-                    f"iteration {st.iteration} (train.max_nonfinite={tcfg.max_nonfinite}); "
+                    f"{st.nonfinite_consecutive} consecutive non-finite losses/gradients up to "
+                    f"step {st.iteration + 1} (train.max_nonfinite={tcfg.max_nonfinite}); "
                     f"stopping. The last good checkpoint "
                     f"{kept if kept.exists() else '(none written yet)'} is kept. Lower "
                     "train.lr, raise train.warmup_iters, check the data, or use train.amp=none."
