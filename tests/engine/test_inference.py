@@ -1,0 +1,71 @@
+"""run_inference: per-dataset evaluation, the restricted oracle, routing statistics, caps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from engine_fixtures import TRAIN_SETS, tiny_config
+
+from damex.data.loader import build_test_loaders
+from damex.engine.inference import run_inference
+from damex.engine.trainer import build_run_data
+from damex.modeling import build_model
+from damex.modeling.postprocess import build_postprocess
+
+
+@pytest.fixture(scope="module")
+def parts(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    cfg = tiny_config(synthetic_root, tmp_path_factory.mktemp("inf") / "run")
+    data = build_run_data(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.moe, data.label_space.num_classes)
+    loaders = build_test_loaders(cfg, data.catalog, data.label_space)
+    return cfg, data, model, loaders
+
+
+def test_evaluation_oracle_and_routing_counts(parts) -> None:
+    cfg, data, model, loaders = parts
+    model.train()
+    results, stats = run_inference(
+        model,
+        build_postprocess(cfg),
+        loaders,
+        data.label_space,
+        restrict=True,
+        routing_tokens="matching_only",
+        expert_of_dataset=data.expert_of_dataset,
+        progress=False,
+    )
+    assert model.training  # the mode is restored
+    assert set(results.datasets) == set(TRAIN_SETS) and set(results.oracle) == set(TRAIN_SETS)
+    n_images = {n: len(loaders[n].dataset) for n in TRAIN_SETS}
+    for name in TRAIN_SETS:
+        assert results.datasets[name].num_images == n_images[name]
+        # the oracle never spends a detection on another dataset's classes
+        assert results.oracle[name].num_foreign == 0
+        assert results.datasets[name].num_detections + results.datasets[name].num_foreign > 0
+    # every matching query of every image is counted once per MoE layer (1 layer here)
+    q = cfg.model.num_queries
+    ids = [data.label_space.dataset_index(n) for n in TRAIN_SETS]
+    assert stats.num_layers == 1 and stats.num_experts == cfg.moe.num_experts
+    assert stats.tokens[0, ids].tolist() == [q * n_images[n] for n in TRAIN_SETS]
+    assert torch.equal(stats.top1.sum(-1), stats.tokens)
+    assert stats.expert_map.tolist() == data.expert_of_dataset.tolist()
+
+
+def test_max_images_and_deterministic_detections(parts) -> None:
+    cfg, data, model, loaders = parts
+    pp = build_postprocess(cfg)
+    a, _ = run_inference(
+        model, pp, loaders, data.label_space, max_images=1, routing_stats=False, progress=False
+    )
+    assert all(m.num_images == 1 for m in a.datasets.values())
+    b, stats = run_inference(
+        model, pp, loaders, data.label_space, max_images=1, routing_stats=False, progress=False
+    )
+    assert stats is None and set(a.detections) == set(b.detections)
+    for name, dets in a.detections.items():  # eval mode: no routing noise, no DN queries
+        assert np.array_equal(np.asarray(dets), np.asarray(b.detections[name]))
