@@ -69,19 +69,23 @@ def ms_deform_attn(
 
     value_levels = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates
-    sampled = []
+    weights = attention_weights.transpose(1, 2).reshape(
+        bsz * num_heads, 1, num_query, num_levels, num_points
+    )
+    out = None
     for lvl, (h, w) in enumerate(shapes):
         value_l = value_levels[lvl].permute(0, 2, 3, 1).reshape(bsz * num_heads, head_dim, h, w)
         grid_l = grids[:, :, :, lvl].transpose(1, 2).reshape(bsz * num_heads, num_query, -1, 2)
-        grid_l = grid_l.to(value_l.dtype)
-        sampled.append(
-            F.grid_sample(
-                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
-            )  # [B*H, Dh, Nq, P]
-        )
-    stacked = torch.stack(sampled, dim=-2).flatten(-2)  # [B*H, Dh, Nq, L*P]
-    weights = attention_weights.transpose(1, 2).reshape(bsz * num_heads, 1, num_query, -1)
-    out = (stacked * weights.to(stacked.dtype)).sum(-1)  # [B*H, Dh, Nq]
+        sampled = F.grid_sample(
+            value_l,
+            grid_l.to(value_l.dtype),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )  # [B*H, Dh, Nq, P]
+        # accumulate level by level: no [B*H, Dh, Nq, L*P] intermediate
+        term = (sampled * weights[..., lvl, :].to(sampled.dtype)).sum(-1)  # [B*H, Dh, Nq]
+        out = term if out is None else out + term
     return out.view(bsz, num_heads * head_dim, num_query).transpose(1, 2)  # [B, Nq, H*Dh]
 
 
