@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_SETS = ["syn_photo", "syn_signs"]
+# the shared reference run: 3 epochs x 2 optimizer steps (data.epoch_size 4, batch 2)
+REF: dict[str, Any] = {"epochs": 3, "ema": True, "warmup_iters": 2}
+REF_ITERS = 6
 
 
 def tiny_config_dict(synthetic_root: Path, out_dir: Path, **train: Any) -> dict[str, Any]:

@@ -14,16 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import TRAIN_SETS, tiny_config, tiny_config_dict
+from engine_fixtures import REF, REF_ITERS, TRAIN_SETS, tiny_config, tiny_config_dict
 
 from damex.engine.checkpoint import load_checkpoint
 from damex.engine.logging import read_jsonl
 from damex.engine.trainer import TrainingError, evaluate, train
 from damex.errors import CheckpointError, ConfigError
-
-# 3 epochs x 2 optimizer steps (data.epoch_size 4, batch 2), logged every step
-REF = {"epochs": 3, "ema": True, "warmup_iters": 2}
-REF_ITERS = 6
 
 
 def _train_records(run: Path) -> list[dict]:
@@ -35,15 +31,6 @@ def _losses(records: list[dict]) -> list[dict]:
         {k: v for k, v in r.items() if k == "iter" or k == "lr" or k.startswith("loss")}
         for r in records
     ]
-
-
-@pytest.fixture(scope="module")
-def reference_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One uninterrupted run that the resume tests compare against."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    result = train(tiny_config(synthetic_root, out, **REF))
-    assert result.iterations == REF_ITERS and result.stop_reason == "completed"
-    return out
 
 
 def test_train_logs_checkpoints_and_evaluates(synthetic_root: Path, reference_run: Path) -> None:

@@ -1,0 +1,261 @@
+"""Drivers behind ``damex evaluate`` / ``visualize-routing`` / ``demo`` (the CLI only wires).
+
+* :func:`evaluate_checkpoint`: per-dataset COCO AP of a checkpoint, written as ``results.json``,
+  ``results.md`` and per-dataset detections (native category ids).
+* :func:`visualize_routing`: dataset x expert routing statistics over the test sets, heatmaps,
+  per-image overlays (detections coloured by the expert of their query) and one
+  self-contained HTML report (``damex.viz``).
+* :func:`run_demo`: detections drawn on arbitrary images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from damex.config import Config
+from damex.engine import distributed as dist_utils
+from damex.engine.inference import run_inference
+from damex.engine.trainer import evaluate, load_for_inference
+from damex.errors import ConfigError
+from damex.structures import Detections, Sample
+
+__all__ = ["evaluate_checkpoint", "visualize_routing", "run_demo", "IMAGE_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def evaluate_checkpoint(
+    cfg: Config,
+    checkpoint: str | os.PathLike[str],
+    datasets: list[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    restrict: bool = False,
+) -> Any:
+    """Evaluate a checkpoint and write the results.
+
+    Args:
+        cfg: the run config.
+        checkpoint: a ``.pth`` written by ``train``.
+        datasets: subset of the evaluation datasets.
+        out_dir: where to write (default ``<checkpoint dir>/eval_<checkpoint stem>``).
+        restrict: also report the ``restrict_to_dataset_labels`` oracle.
+
+    Returns:
+        ``EvalResults`` on rank 0, None on the other ranks under ``torchrun``.
+    """
+    results = evaluate(cfg, checkpoint, datasets=datasets, restrict=restrict)
+    if results is not None:
+        ckpt_path = Path(checkpoint)
+        out = Path(out_dir) if out_dir else ckpt_path.resolve().parent / f"eval_{ckpt_path.stem}"
+        results.write(out)
+    return results
+
+
+def _moe_layer_names(cfg: Config) -> list[str]:
+    return [f"decoder.{i}" for i, kind in enumerate(cfg.model.decoder_ffn) if kind == "moe"]
+
+
+def _to_uint8_image(batch_image: torch.Tensor, size: torch.Tensor) -> np.ndarray:
+    """The unpadded ``[3, H, W]`` float image of a batch as ``uint8`` ``[H, W, 3]``."""
+    h, w = (int(v) for v in size.tolist())
+    img = batch_image[:, :h, :w].clamp(0, 255).round().to(torch.uint8)  # [3, h, w]
+    return img.permute(1, 2, 0).cpu().numpy()
+
+
+def _scaled(det: Detections, orig_size: torch.Tensor, size: torch.Tensor) -> Detections:
+    """Detections in original-image pixels -> pixels of the resized (batch) image."""
+    oh, ow = (float(v) for v in orig_size.tolist())
+    h, w = (float(v) for v in size.tolist())
+    scale = det.boxes.new_tensor([w / ow, h / oh, w / ow, h / oh])
+    return Detections(det.boxes * scale, det.scores, det.labels, det.query_index)
+
+
+@torch.no_grad()
+def visualize_routing(
+    cfg: Config,
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    tokens: str | None = None,
+) -> Path:
+    """Routing statistics, figures and the HTML report of a MoE checkpoint (single process).
+
+    Args:
+        cfg: the run config (``eval.routing_tokens``, ``eval.report_images``,
+            ``eval.max_images``).
+        checkpoint: a ``.pth`` written by ``train``.
+        out_dir: report folder (created).
+        tokens: which decoder tokens to count (default ``eval.routing_tokens``).
+
+    Returns:
+        The HTML report path.
+
+    Raises:
+        ConfigError: the model has no MoE layer.
+    """
+    from damex.data.loader import build_test_loaders
+    from damex.evaluation.routing import routing_markdown, routing_summary
+    from damex.modeling.criterion import build_criterion
+    from damex.viz import (
+        draw_expert_overlay,
+        query_experts,
+        save_png,
+        save_routing_figures,
+        write_routing_report,
+    )
+
+    if not cfg.uses_moe:
+        raise ConfigError("visualize-routing: model.decoder_ffn has no 'moe' layer")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = tokens or cfg.eval.routing_tokens
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    device = dist_utils.resolve_device(cfg.train.device, local_rank)
+    model, postprocess, data, _ = load_for_inference(cfg, checkpoint, device=device)
+    ls = data.label_space
+    loaders = build_test_loaders(
+        cfg, data.catalog, ls, None, 0, 1, expert_of_dataset=data.expert_of_dataset
+    )
+    criterion = build_criterion(cfg, ls.num_classes)
+    results, stats = run_inference(
+        model,
+        postprocess,
+        loaders,
+        ls,
+        routing_stats=True,
+        routing_tokens=tokens,
+        expert_of_dataset=data.expert_of_dataset,
+        matcher=criterion.matcher,
+    )
+    if stats is None:
+        raise ConfigError(f"visualize-routing: the model of {checkpoint} returned no routing")
+    emap = {n: e for n, e in data.expert_map.items() if e >= 0}
+    summary = routing_summary(
+        stats,
+        dataset_names=ls.dataset_names,
+        expert_map=emap,
+        layer_names=_moe_layer_names(cfg),
+    )
+    summary["tokens"] = tokens
+    (out / "routing.md").write_text(routing_markdown(summary), encoding="utf-8")
+    figures = save_routing_figures(summary, out)
+
+    overlays: dict[str, list[Path]] = {}
+    per_dataset = max(int(cfg.eval.report_images), 0)
+    num_experts = stats.num_experts
+    layer = stats.num_layers - 1  # the last MoE layer: closest to the detections
+    layer_name = _moe_layer_names(cfg)[layer]
+    for name, loader in loaders.items():
+        drawn = 0
+        for batch in loader:
+            if drawn >= per_dataset:
+                break
+            batch = batch.to(device)
+            pred = model(batch)
+            dets = postprocess(pred.pred, batch.orig_sizes)
+            for b in range(len(batch)):
+                if drawn >= per_dataset:
+                    break
+                experts = query_experts(
+                    pred.routing[layer], image_index=b, num_queries=pred.pred.logits.shape[1]
+                )
+                det = _scaled(dets[b].to("cpu"), batch.orig_sizes[b], batch.image_sizes[b])
+                img = draw_expert_overlay(
+                    _to_uint8_image(batch.images[b], batch.image_sizes[b]),
+                    det,
+                    experts,
+                    num_experts=num_experts,
+                    class_names=ls.names,
+                )
+                image_id = int(batch.image_ids[b])
+                path = out / "overlays" / name / f"{image_id}_{layer_name}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                overlays.setdefault(name, []).append(save_png(img, path))
+                drawn += 1
+    report = write_routing_report(
+        out,
+        summary,
+        [*figures["heatmaps"], *figures["accuracy"]],
+        overlays,
+        eval_results=results,
+    )
+    if results is not None:
+        results.write(out / "eval")
+    return report
+
+
+def _image_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            return files
+        raise ConfigError(f"demo: no image ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+    raise ConfigError(f"demo: input {path} does not exist")
+
+
+@torch.no_grad()
+def run_demo(
+    cfg: Config,
+    checkpoint: str | os.PathLike[str],
+    input_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    score_threshold: float = 0.3,
+) -> list[Path]:
+    """Detect objects in an image or a folder of images and save annotated PNGs.
+
+    Args:
+        cfg: the run config (test resize, ``eval.num_select``).
+        checkpoint: a ``.pth`` written by ``train``.
+        input_path: an image file or a folder of images.
+        out_dir: folder for ``<stem>.png`` results.
+        score_threshold: minimum score drawn.
+
+    Returns:
+        The written files, in input order.
+    """
+    from PIL import Image
+
+    from damex.data.loader import collate
+    from damex.data.transforms import build_transforms
+    from damex.viz import draw_detections, save_png
+
+    files = _image_files(Path(input_path))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    device = dist_utils.resolve_device(cfg.train.device, local_rank)
+    model, postprocess, data, _ = load_for_inference(cfg, checkpoint, device=device)
+    transform = build_transforms(cfg.data, None, train=False)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            rgb = np.array(im.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+        h, w = rgb.shape[:2]
+        sample = Sample(
+            image=torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+            boxes=torch.zeros(0, 4),
+            labels=torch.zeros(0, dtype=torch.long),
+            dataset_id=0,
+            image_id=i,
+            orig_size=(h, w),
+        )
+        batch = collate([transform(sample)]).to(device)
+        det = postprocess(model(batch).pred, batch.orig_sizes)[0].to("cpu")
+        img = draw_detections(rgb, det, data.label_space.names, score_threshold=score_threshold)
+        written.append(save_png(img, out / f"{f.stem}.png"))
+        logger.info(
+            "%s: %d detections >= %.2f",
+            f,
+            int((det.scores >= score_threshold).sum()),
+            score_threshold,
+        )
+    return written
