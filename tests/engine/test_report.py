@@ -49,9 +49,12 @@ def test_run_demo_draws_on_input_images(
     synthetic_root: Path, reference_run: Path, tmp_path: Path
 ) -> None:
     cfg = tiny_config(synthetic_root, reference_run, **REF)
-    src = next((synthetic_root / "syn_photo" / "images").iterdir())
-    written = run_demo(cfg, reference_run / "last.pth", src.parent, tmp_path, score_threshold=0.0)
-    assert len(written) == len(list(src.parent.iterdir()))
-    with Image.open(src) as a, Image.open(written[0].parent / f"{src.stem}.png") as b:
+    src = sorted((synthetic_root / "syn_photo" / "images").iterdir())[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / src.name).write_bytes(src.read_bytes())
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    written = run_demo(cfg, reference_run / "last.pth", tmp_path / "in", tmp_path / "out", 0.0)
+    assert written == [tmp_path / "out" / f"{src.stem}.png"]
+    with Image.open(src) as a, Image.open(written[0]) as b:
         assert a.size == b.size
         assert not np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
