@@ -173,3 +173,26 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(
         train(tiny_config(synthetic_root, out), resume=True)
     with pytest.raises(CheckpointError, match="nope.pth does not exist"):
         train(tiny_config(synthetic_root, out), resume=str(tmp_path / "nope.pth"))
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint(synthetic_root: Path, tmp_path: Path) -> None:
+    import threading
+
+    out = tmp_path / "run"
+
+    def send_sigterm_once_training() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # the handler is installed once steps are logged
+            if (out / "metrics.jsonl").is_file() and _train_records(out):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=send_sigterm_once_training, daemon=True)
+    sender.start()
+    result = train(tiny_config(synthetic_root, out, epochs=1000))
+    sender.join(timeout=10)
+    assert result.stop_reason == "signal" and result.final_results is None
+    state = load_checkpoint(out / "last.pth")
+    assert state["trainer"]["iteration"] == result.iterations < 2000
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was removed
