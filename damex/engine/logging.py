@@ -22,34 +22,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-__all__ = ["RunLogger", "Progress", "read_jsonl", "format_eval_table", "setup_console_logging"]
+__all__ = ["RunLogger", "Progress", "read_jsonl", "format_eval_table"]
 
 logger = logging.getLogger(__name__)
-
-
-def setup_console_logging(level: int = logging.INFO, *, rank: int = 0) -> None:
-    """Configure the root ``damex`` logger once: INFO on rank 0, WARNING elsewhere.
-
-    Uses ``tqdm.write`` so log lines do not break the progress bar.
-    """
-    root = logging.getLogger("damex")
-    if any(getattr(h, "_damex_console", False) for h in root.handlers):
-        root.setLevel(level if rank == 0 else logging.WARNING)
-        return
-
-    class _TqdmHandler(logging.Handler):
-        _damex_console = True
-
-        def emit(self, record: logging.LogRecord) -> None:
-            try:
-                tqdm.write(self.format(record), file=sys.stderr)
-            except Exception:
-                self.handleError(record)
-
-    h = _TqdmHandler()
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root.addHandler(h)
-    root.setLevel(level if rank == 0 else logging.WARNING)
 
 
 def _jsonable(v: Any) -> Any:

@@ -56,6 +56,8 @@ def test_train_logs_checkpoints_and_evaluates(synthetic_root: Path, reference_ru
     assert state["label_space"]["names"] and state["config"]["train"]["epochs"] == 3
     assert state["ema"]["updates"] == REF_ITERS
     assert (reference_run / "best.pth").is_file() and (reference_run / "config.yaml").is_file()
+    final = json.loads((reference_run / "eval" / "results.json").read_text())
+    assert final["mean"]["AP"] == evals[0]["mean_ap"]
 
     # evaluate() on the checkpoint reproduces the final evaluation (EMA weights)
     cfg = tiny_config(synthetic_root, reference_run, **REF)
