@@ -147,7 +147,8 @@ def run_inference(
     bar = tqdm(
         total=total,
         desc="eval",
-        disable=not (progress and dist_utils.is_main_process()) or None,
+        # True: off; None: on only when stderr is a terminal
+        disable=True if not (progress and dist_utils.is_main_process()) else None,
         dynamic_ncols=True,
         leave=False,
     )
