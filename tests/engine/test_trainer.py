@@ -100,7 +100,6 @@ train(config_from_dict(json.loads(open(sys.argv[1]).read())))
 """
 
 
-@pytest.mark.slow  # a subprocess (torch import) plus a resumed run
 def test_sigkill_then_resume_equals_uninterrupted(
     synthetic_root: Path, reference_run: Path, tmp_path: Path
 ) -> None:
@@ -145,7 +144,6 @@ def test_nonfinite_losses_stop_the_run(synthetic_root: Path, tmp_path: Path) -> 
     assert records[-1]["nonfinite"] == 2 and records[0]["nonfinite"] == 0
 
 
-@pytest.mark.slow
 def test_time_budget_and_time_cosine(synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     budget_s = 3.0
