@@ -295,21 +295,16 @@ class _SeededBatches(Sampler[list[tuple[int, int]]]):
 
 # ------------------------------------------------------------------------------------ loader
 def worker_init_fn(worker_id: int) -> None:
-    """Seed ``random`` / ``numpy`` from the worker's torch seed; one OpenCV thread per worker.
+    """Seed ``random`` / ``numpy`` from the worker's torch seed.
 
     The torch seed is ``base_seed + worker_id`` with ``base_seed`` drawn from the loader's
     seeded generator, so it is deterministic. (The augmentations do not read these global
-    RNGs; this keeps any third-party randomness reproducible too.)
+    RNGs; this keeps any third-party randomness reproducible too.) OpenCV threading is off
+    process-wide (``damex.data.transforms``); touching its pool in a forked child could hang.
     """
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:  # pragma: no cover - opencv is a dependency
-        pass
 
 
 class DamexLoader(DataLoader):

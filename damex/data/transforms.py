@@ -38,6 +38,13 @@ from damex.structures import Sample
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import (deps.md)
 import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+
+# OpenCV's thread pool does not survive fork(): reconfiguring it (cv2.setNumThreads) in a
+# DataLoader worker forked after the parent ran threaded cv2 ops deadlocks the worker
+# (reproduced here). Workers give the parallelism, so OpenCV runs single-threaded in every
+# process and nothing touches the pool after fork (mmengine does the same).
+cv2.setNumThreads(0)
 
 if TYPE_CHECKING:
     from damex.config import DataConfig
