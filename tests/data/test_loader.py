@@ -181,9 +181,11 @@ def test_worker_stream_equals_main_process_and_resume_is_exact(world):
     sampler2.set_epoch(2)
     tail = list(loader2)
     _same_batches(head + tail, ref)  # identical images (augmentations) and targets
-    sampler2.set_epoch(3)
+    sampler2.set_epoch(3)  # the persistent worker picks up the new epoch's order and seeds
     other = list(loader2)
     assert not all(torch.equal(x.image_ids, y.image_ids) for x, y in zip(other, ref))
+    ref_sampler.set_epoch(3)
+    _same_batches(other, list(ref_loader))
 
 
 def test_homogeneous_batches_through_loader(world):
