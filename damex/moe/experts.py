@@ -4,28 +4,31 @@ The experts consume tokens already **sorted by expert** (``counts[e]`` consecuti
 expert, see :mod:`damex.moe.dispatch`), so no ``[T, E, C]`` dispatch tensor and no padding is
 ever built: memory is ``O(N * (d + h))`` for ``N`` routed tokens, like the dense FFN.
 
-All experts run inside one autograd function (:class:`_ExpertFFNFunction`) with a hand-written
-backward. Compared with composing autograd ops per expert this avoids (a) the
-``w[e]``-indexing backward, which materializes a full ``[E, h, d]`` zero gradient per expert,
-and (b) gathers of per-token biases. On CPU with several intra-op threads, the rows are split
-into one contiguous range per thread and each thread runs its GEMMs single-threaded: MKL
-reaches ~50% of peak on the small per-expert weight-gradient GEMMs (``K = rows of one
-expert``) when it splits one GEMM over threads, but ~100% per core when each core owns whole
-GEMMs (measured on the 2-core dev box; see ``damex.moe.bench``).
+All experts run inside one autograd function (:class:`_ExpertFFNFunction`) over grouped
+contiguous slices, with a hand-written backward: no per-token bias gathers, no zero-filled
+``[E, ...]`` gradients, no concatenations. Each expert is an ordinary ``nn.Linear`` pair
+(:class:`ExpertFFN`), so its parameters and gradients are separate ``[h, d]`` tensors (a stacked
+``[E, h, d]`` gradient of >= 32 MiB is a fresh, page-faulting ``mmap`` on every CPU backward).
+
+CPU threading: with several intra-op threads, the rows are split into one contiguous range per
+thread and each thread runs whole GEMMs single-threaded. MKL reaches only ~50% of peak on the
+small per-expert weight-gradient GEMMs (reduction length = rows of one expert) when it splits
+one GEMM over 2 threads, but ~100% of a core when each core owns whole GEMMs (measured on the
+2-core dev box; ``damex.moe.bench`` compares against the dense FFN).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "Experts", "expert_ffn"]
+__all__ = ["ACTIVATIONS", "ExpertFFN", "Experts", "expert_ffn"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
@@ -103,122 +106,162 @@ def _run_parts(parts: list[list[_Item]], fn: Callable[[list[_Item]], None], thre
         for items in parts:
             fn(items)
         return
-    pool = _get_pool(len(parts))
+    pool = _get_pool(len(parts) - 1)
     prev = torch.get_num_threads()
 
     def task(items: list[_Item]) -> None:
         with torch.no_grad():  # grad mode is thread-local; workers must not record graphs
             fn(items)
 
+    # The thread count is process-wide: every GEMM below runs single-threaded, one part per
+    # core (the calling thread takes the first part).
     torch.set_num_threads(1)
     try:
-        futures = [pool.submit(task, items) for items in parts]
-        for fut in futures:
-            fut.result()
+        futures = [pool.submit(task, items) for items in parts[1:]]
+        try:
+            task(parts[0])
+        finally:
+            for fut in futures:
+                fut.result()
     finally:
         torch.set_num_threads(prev)
 
 
+@dataclass(frozen=True)
+class _Meta:
+    counts: tuple[int, ...]
+    activation: str
+    drop_scale: float
+    threaded: bool
+    has_b2: bool
+
+
 class _ExpertFFNFunction(torch.autograd.Function):
-    """``y[rows of e] = act(x W1[e]^T + b1[e]) (* dropout mask) W2[e]^T + b2[e]`` for all e."""
+    """``y[rows of e] = act(x W1[e]^T + b1[e]) (* dropout mask) W2[e]^T + b2[e]`` for all e.
+
+    The parameters arrive as ``E`` separate tensors per kind (``w1 * E, b1 * E, w2 * E[, b2 *
+    E]``). Activations are allocated per (expert, part) item and the weight gradients per
+    expert: with glibc, a single CPU allocation >= 32 MiB is a fresh ``mmap`` every time and
+    its first touch page-faults (~12 ms for 32 MiB here), which a stacked ``[E, h, d]``
+    gradient hits on every backward for ``E = 16``.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         x: Tensor,  # [N, d] rows sorted by expert
-        w1: Tensor,  # [E, h, d]
-        b1: Tensor,  # [E, h]
-        w2: Tensor,  # [E, d, h]
-        b2: Tensor | None,  # [E, d]
-        counts: tuple[int, ...],
-        activation: str,
         drop_mask: Tensor | None,  # [N, h] bool, or None
-        drop_scale: float,
-        threaded: bool,
+        meta: _Meta,
+        *params: Tensor,
     ) -> Tensor:
-        n, d = x.shape
-        h = w1.shape[1]
-        a = x.new_empty(n, h)  # [N, h] pre-activation
-        hid = x.new_empty(n, h)  # [N, h] post-activation (and dropout)
-        y = x.new_empty(n, d)  # [N, d]
+        num_experts = len(meta.counts)
+        w1, b1 = params[:num_experts], params[num_experts : 2 * num_experts]
+        w2 = params[2 * num_experts : 3 * num_experts]
+        b2 = params[3 * num_experts :] if meta.has_b2 else None
+        y = x.new_empty(x.shape[0], w2[0].shape[0])  # [N, d]
+        parts = _plan_items(meta.counts, torch.get_num_threads() if meta.threaded else 1)
+        flat = [item for items in parts for item in items]
+        index = {item: i for i, item in enumerate(flat)}
+        acts: list[Tensor | None] = [None] * (2 * len(flat))  # per item: pre-act, post-act
 
         def run(items: list[_Item]) -> None:
-            for e, s, t, _ in items:
-                torch.addmm(b1[e], x[s:t], w1[e].t(), out=a[s:t])
-                _act_forward(activation, a[s:t], hid[s:t])
+            for item in items:
+                e, s, t, _ = item
+                a = torch.addmm(b1[e], x[s:t], w1[e].t())  # [M, h]
+                hid = torch.empty_like(a)
+                _act_forward(meta.activation, a, hid)
                 if drop_mask is not None:
-                    hid[s:t].mul_(drop_mask[s:t]).mul_(drop_scale)
+                    hid.mul_(drop_mask[s:t]).mul_(meta.drop_scale)
                 if b2 is None:
-                    torch.mm(hid[s:t], w2[e].t(), out=y[s:t])
+                    torch.mm(hid, w2[e].t(), out=y[s:t])
                 else:
-                    torch.addmm(b2[e], hid[s:t], w2[e].t(), out=y[s:t])
+                    torch.addmm(b2[e], hid, w2[e].t(), out=y[s:t])
+                i = index[item]
+                acts[2 * i], acts[2 * i + 1] = a, hid
 
-        parts = _plan_items(counts, torch.get_num_threads() if threaded else 1)
-        _run_parts(parts, run, threaded)
-        ctx.save_for_backward(x, w1, w2, a, hid, drop_mask)
-        ctx.counts = counts
-        ctx.activation = activation
-        ctx.drop_scale = drop_scale
-        ctx.threaded = threaded
-        ctx.has_b2 = b2 is not None
+        _run_parts(parts, run, meta.threaded)
+        ctx.save_for_backward(x, drop_mask, *params, *acts)
+        ctx.meta = meta
+        ctx.parts = parts
         return y
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, gy: Tensor
     ) -> tuple[Tensor | None, ...]:
-        x, w1, w2, a, hid, drop_mask = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        meta: _Meta = ctx.meta
+        parts: list[list[_Item]] = ctx.parts
+        num_experts = len(meta.counts)
+        saved = ctx.saved_tensors
+        x, drop_mask = saved[0], saved[1]
+        num_params = (4 if meta.has_b2 else 3) * num_experts
+        params, acts = saved[2 : 2 + num_params], saved[2 + num_params :]
+        w1, w2 = params[:num_experts], params[2 * num_experts : 3 * num_experts]
+        needs = ctx.needs_input_grad[3:]
+        need_w1, need_b1 = needs[0], needs[num_experts]
+        need_w2 = needs[2 * num_experts]
+        need_b2 = meta.has_b2 and needs[3 * num_experts]
         gy = gy.contiguous()
-        num_experts = w1.shape[0]
-        gx = torch.zeros_like(x) if need_x else None
-        gw1 = torch.zeros_like(w1) if need_w1 else None
-        gb1 = w1.new_zeros(num_experts, w1.shape[1]) if need_b1 else None
-        gw2 = torch.zeros_like(w2) if need_w2 else None
-        gb2 = w2.new_zeros(num_experts, w2.shape[1]) if (need_b2 and ctx.has_b2) else None
-        # Experts split over two parts get partial weight gradients, summed afterwards.
-        partials: list[tuple[int, Tensor | None, Tensor | None, Tensor | None, Tensor | None]] = []
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        # grads[kind][e]: kinds w1, b1, w2, b2; partial results of split experts are summed.
+        grads: list[list[Tensor | None]] = [[None] * num_experts for _ in range(4)]
+        partials: list[tuple[int, list[Tensor | None]]] = []
         lock = threading.Lock()
-        activation, drop_scale = ctx.activation, ctx.drop_scale
+        flat = [item for items in parts for item in items]
+        index = {item: i for i, item in enumerate(flat)}
 
         def run(items: list[_Item]) -> None:
-            for e, s, t, whole in items:
+            for item in items:
+                e, s, t, whole = item
+                i = index[item]
+                a, hid = acts[2 * i], acts[2 * i + 1]
                 g = gy[s:t]  # [M, d]
-                pw2 = pb2 = pw1 = pb1 = None
-                if gw2 is not None:
-                    pw2 = torch.mm(g.t(), hid[s:t], out=gw2[e]) if whole else g.t() @ hid[s:t]
-                if gb2 is not None:
-                    pb2 = torch.sum(g, 0, out=gb2[e]) if whole else g.sum(0)
+                out: list[Tensor | None] = [None] * 4
+                if need_w2:
+                    out[2] = g.t() @ hid  # [d, h]
+                if need_b2:
+                    out[3] = g.sum(0)
                 gh = g @ w2[e]  # [M, h]
                 if drop_mask is not None:
-                    gh.mul_(drop_mask[s:t]).mul_(drop_scale)
-                ga = _act_backward(activation, gh, a[s:t])  # [M, h]
-                if gw1 is not None:
-                    pw1 = torch.mm(ga.t(), x[s:t], out=gw1[e]) if whole else ga.t() @ x[s:t]
-                if gb1 is not None:
-                    pb1 = torch.sum(ga, 0, out=gb1[e]) if whole else ga.sum(0)
+                    gh.mul_(drop_mask[s:t]).mul_(meta.drop_scale)
+                ga = _act_backward(meta.activation, gh, a)  # [M, h]
+                if need_w1:
+                    out[0] = ga.t() @ x[s:t]  # [h, d]
+                if need_b1:
+                    out[1] = ga.sum(0)
                 if gx is not None:
                     torch.mm(ga, w1[e], out=gx[s:t])
-                if not whole:
+                if whole:
+                    for kind in range(4):
+                        grads[kind][e] = out[kind]
+                else:
                     with lock:
-                        partials.append((e, pw1, pb1, pw2, pb2))
+                        partials.append((e, out))
 
-        parts = _plan_items(ctx.counts, torch.get_num_threads() if ctx.threaded else 1)
-        _run_parts(parts, run, ctx.threaded)
-        for e, pw1, pb1, pw2, pb2 in partials:
-            for full, part in ((gw1, pw1), (gb1, pb1), (gw2, pw2), (gb2, pb2)):
-                if full is not None and part is not None:
-                    full[e].add_(part)
-        return gx, gw1, gb1, gw2, gb2, None, None, None, None, None
+        _run_parts(parts, run, meta.threaded)
+        for e, out in sorted(partials, key=lambda p: p[0]):
+            for kind in range(4):
+                part = out[kind]
+                if part is not None:
+                    prev = grads[kind][e]
+                    grads[kind][e] = part if prev is None else prev + part
+        # Experts that received no rows: zero gradients (as autograd would give).
+        wants = (need_w1, need_b1, need_w2, need_b2)
+        for kind, want in enumerate(wants):
+            for e in range(num_experts):
+                if want and grads[kind][e] is None:
+                    grads[kind][e] = torch.zeros_like(params[kind * num_experts + e])
+        flat_grads = [g for kind in range(4 if meta.has_b2 else 3) for g in grads[kind]]
+        return (gx, None, None, *flat_grads)
 
 
 def expert_ffn(
     x: Tensor,
     counts: Sequence[int],
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor | None,
+    w1: Sequence[Tensor],
+    b1: Sequence[Tensor],
+    w2: Sequence[Tensor],
+    b2: Sequence[Tensor] | None,
     *,
     activation: str = "gelu",
     dropout: float = 0.0,
@@ -230,8 +273,8 @@ def expert_ffn(
     Args:
         x: ``[N, d]`` rows sorted by expert, ``N == sum(counts)``.
         counts: ``E`` non-negative ints.
-        w1: ``[E, h, d]`` fc1 weights (``nn.Linear`` layout per expert); b1: ``[E, h]``.
-        w2: ``[E, d, h]`` fc2 weights; b2: ``[E, d]`` or None.
+        w1: ``E`` fc1 weights ``[h, d]`` (``nn.Linear`` layout); b1: ``E`` biases ``[h]``.
+        w2: ``E`` fc2 weights ``[d, h]``; b2: ``E`` biases ``[d]``, or None.
         activation: one of :data:`ACTIVATIONS`.
         dropout: dropout probability on the hidden activations (training only).
         training: whether dropout is active.
@@ -242,14 +285,21 @@ def expert_ffn(
         ``[N, d]``, in ``x``'s dtype (autocast is resolved by the caller, see :class:`Experts`).
     """
     counts = tuple(int(c) for c in counts)
-    if len(counts) != w1.shape[0]:
-        raise ValueError(f"expert_ffn: got {len(counts)} counts for {w1.shape[0]} experts")
+    num_experts = len(w1)
+    if not (len(counts) == len(b1) == len(w2) == num_experts) or (
+        b2 is not None and len(b2) != num_experts
+    ):
+        raise ValueError(
+            f"expert_ffn: got {len(counts)} counts and {num_experts}/{len(b1)}/{len(w2)}"
+            f"/{'-' if b2 is None else len(b2)} tensors for w1/b1/w2/b2"
+        )
     if sum(counts) != x.shape[0]:
         raise ValueError(f"expert_ffn: counts sum to {sum(counts)} but x has {x.shape[0]} rows")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    hidden = w1[0].shape[0]
     if threaded is None:
-        macs = x.shape[0] * w1.shape[1] * w1.shape[2]
+        macs = x.shape[0] * hidden * x.shape[1]
         threaded = x.device.type == "cpu" and torch.get_num_threads() > 1
         threaded = threaded and macs >= _THREAD_MIN_MACS
     elif threaded and x.device.type != "cpu":
@@ -257,37 +307,74 @@ def expert_ffn(
     drop_mask, drop_scale = None, 1.0
     if training and dropout > 0.0:
         # Drawn here, on the calling thread, so that results do not depend on thread timing.
-        drop_mask = torch.empty(x.shape[0], w1.shape[1], device=x.device).bernoulli_(1 - dropout)
+        drop_mask = torch.empty(x.shape[0], hidden, device=x.device).bernoulli_(1 - dropout)
         drop_mask = drop_mask.bool()
         drop_scale = 1.0 / (1.0 - dropout)
-    x = x.contiguous()
-    return _ExpertFFNFunction.apply(
-        x, w1, b1, w2, b2, counts, activation, drop_mask, drop_scale, bool(threaded)
-    )
+    meta = _Meta(counts, activation, drop_scale, bool(threaded), b2 is not None)
+    params = [*w1, *b1, *w2, *(b2 if b2 is not None else [])]
+    return _ExpertFFNFunction.apply(x.contiguous(), drop_mask, meta, *params)
+
+
+class ExpertFFN(nn.Module):
+    """One expert: ``fc2(Dropout(act(fc1(x))))``, the dense FFN's layout and init.
+
+    Args:
+        d_model: ``d``.
+        hidden_dim: ``h``.
+        activation: one of :data:`ACTIVATIONS`.
+        dropout: dropout on the hidden activations.
+        fc2_bias: whether fc2 has a bias.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        hidden_dim: int,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        fc2_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, d_model, bias=fc2_bias)
+        self.activation = activation
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reference path with plain autograd ops: ``[M, d] -> [M, d]``."""
+        act = {
+            "gelu": F.gelu,
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+            "relu": F.relu,
+            "silu": F.silu,
+        }[self.activation]
+        hid = F.dropout(act(self.fc1(x)), self.dropout, self.training)
+        return self.fc2(hid)
 
 
 class Experts(nn.Module):
-    """``num_experts`` independent two-layer FFNs computed together.
+    """Independent two-layer FFN experts computed together by :func:`expert_ffn`.
 
-    Parameters (``nn.Linear`` layout per expert): ``fc1_weight [E, h, d]``, ``fc1_bias [E, h]``,
-    ``fc2_weight [E, d, h]``, ``fc2_bias [E, d]`` (absent when ``fc2_bias=False``).
+    Each expert is an :class:`ExpertFFN` (``nn.Linear`` pair) in ``self.ffn``, a ``ModuleDict``
+    keyed by the **global** expert id, so parameter names are ``ffn.<id>.fc1.weight`` etc. and
+    the shards of an expert-parallel layer (``first_expert > 0``) never clash: merging the
+    shards' state dicts gives the single-process state dict.
 
-    Init: each expert is initialized exactly like a fresh ``nn.Linear`` pair (the dense FFN it
-    replaces). The official DAMEX init, where a transformer-wide ``xavier_uniform_`` turns the
-    "disabled" fc2 bias into a frozen random vector (spec §3.4 Q9), is deliberately **not**
-    reproduced. Callers that re-initialize all ``ndim > 1`` parameters must skip these 3-D
-    tensors (or use :meth:`reset_parameters` with ``scheme="xavier"``, which applies xavier per
-    expert with the per-expert fan-in/fan-out).
+    Init: every expert is initialized exactly like a fresh dense FFN (``nn.Linear`` defaults).
+    The official DAMEX init, where a transformer-wide ``xavier_uniform_`` turns the "disabled"
+    fc2 bias into a frozen random vector (spec §3.4 Q9), is deliberately **not** reproduced;
+    ``reset_parameters("xavier")`` gives the DINO dense-FFN init (xavier weights, zero biases).
 
     Args:
-        num_experts: number of experts held by this module (local experts under expert
-            parallelism).
+        num_experts: experts held by this module.
         d_model: token width ``d``.
         hidden_dim: expert hidden width ``h``.
         activation: one of :data:`ACTIVATIONS`.
         dropout: dropout on the hidden activations.
         fc2_bias: whether fc2 has a (trainable) bias.
         cpu_threads: see ``threaded`` in :func:`expert_ffn` (None = automatic).
+        first_expert: global id of the first expert held here.
     """
 
     def __init__(
@@ -300,6 +387,7 @@ class Experts(nn.Module):
         dropout: float = 0.0,
         fc2_bias: bool = True,
         cpu_threads: bool | None = None,
+        first_expert: int = 0,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -308,26 +396,52 @@ class Experts(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.num_experts = num_experts
         self.d_model = d_model
         self.hidden_dim = hidden_dim
         self.activation = activation
         self.dropout = dropout
+        self.has_fc2_bias = fc2_bias
         self.cpu_threads = cpu_threads
-        self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, d_model))
-        self.fc1_bias = nn.Parameter(torch.empty(num_experts, hidden_dim))
-        self.fc2_weight = nn.Parameter(torch.empty(num_experts, d_model, hidden_dim))
-        if fc2_bias:
-            self.fc2_bias: nn.Parameter | None = nn.Parameter(torch.empty(num_experts, d_model))
-        else:
-            self.register_parameter("fc2_bias", None)
-        self.reset_parameters()
+        self.ffn = nn.ModuleDict(
+            {
+                str(first_expert + i): ExpertFFN(
+                    d_model=d_model,
+                    hidden_dim=hidden_dim,
+                    activation=activation,
+                    dropout=dropout,
+                    fc2_bias=fc2_bias,
+                )
+                for i in range(num_experts)
+            }
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.ffn)
+
+    @property
+    def expert_ids(self) -> list[int]:
+        """Global ids of the experts held here, in order."""
+        return [int(k) for k in self.ffn]
+
+    def __getitem__(self, index: int) -> ExpertFFN:
+        """The ``index``-th expert held here (local position, not global id)."""
+        return list(self.ffn.values())[index]  # type: ignore[return-value]
+
+    def keep_(self, expert_ids: Sequence[int]) -> None:
+        """Drop every expert whose global id is not in ``expert_ids`` (expert-parallel shards)."""
+        keep = {str(int(e)) for e in expert_ids}
+        missing = sorted(int(e) for e in keep - set(self.ffn))
+        if missing:
+            raise ValueError(f"experts {missing} not held here (held: {self.expert_ids})")
+        for key in list(self.ffn):
+            if key not in keep:
+                del self.ffn[key]
 
     def extra_repr(self) -> str:
         return (
-            f"num_experts={self.num_experts}, d_model={self.d_model}, "
-            f"hidden_dim={self.hidden_dim}, activation={self.activation}, dropout={self.dropout}, "
-            f"fc2_bias={self.fc2_bias is not None}"
+            f"experts={self.expert_ids}, d_model={self.d_model}, hidden_dim={self.hidden_dim}, "
+            f"activation={self.activation}, dropout={self.dropout}"
         )
 
     @torch.no_grad()
@@ -335,26 +449,19 @@ class Experts(nn.Module):
         """Re-initialize every expert.
 
         Args:
-            scheme: ``"linear"``: ``nn.Linear``'s default (weights and biases
-                ``U(+-1/sqrt(fan_in))``); ``"xavier"``: ``xavier_uniform_`` per expert weight
-                and zero biases (what the detector's transformer applies to its dense FFNs).
+            scheme: ``"linear"``: ``nn.Linear``'s default; ``"xavier"``: ``xavier_uniform_``
+                weights and zero biases (DINO's init of its dense FFNs).
         """
         if scheme not in ("linear", "xavier"):
             raise ValueError(f"scheme must be 'linear' or 'xavier', got {scheme!r}")
-        layers = [(self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)]
-        for weight, bias in layers:
-            fan_in = weight.shape[2]
-            for e in range(self.num_experts):
+        for expert in self.ffn.values():
+            for layer in (expert.fc1, expert.fc2):
                 if scheme == "linear":
-                    nn.init.kaiming_uniform_(weight[e], a=math.sqrt(5))
+                    layer.reset_parameters()
                 else:
-                    nn.init.xavier_uniform_(weight[e])
-            if bias is not None:
-                if scheme == "linear":
-                    bound = 1.0 / math.sqrt(fan_in)
-                    nn.init.uniform_(bias, -bound, bound)
-                else:
-                    nn.init.zeros_(bias)
+                    nn.init.xavier_uniform_(layer.weight)
+                    if layer.bias is not None:
+                        nn.init.zeros_(layer.bias)
 
     @torch.no_grad()
     def load_dense_(
@@ -363,9 +470,9 @@ class Experts(nn.Module):
         """Copy a dense FFN ``fc2(act(fc1(x)))`` into the given experts (default: all).
 
         Args:
-            fc1: ``nn.Linear(d, h)``.
+            fc1: ``nn.Linear(d, h)`` with bias.
             fc2: ``nn.Linear(h, d)``; without a bias, the experts' fc2 bias is zeroed.
-            experts: expert indices to overwrite; None = every expert ("upcycling").
+            experts: local positions of the experts to overwrite; None = all ("upcycling").
         """
         if tuple(fc1.weight.shape) != (self.hidden_dim, self.d_model):
             raise ValueError(
@@ -379,49 +486,56 @@ class Experts(nn.Module):
             )
         if fc1.bias is None:
             raise ValueError("fc1 must have a bias (the experts' fc1 always has one)")
-        if fc2.bias is not None and self.fc2_bias is None:
+        if fc2.bias is not None and not self.has_fc2_bias:
             raise ValueError("fc2 has a bias but these experts were built with fc2_bias=False")
-        for e in range(self.num_experts) if experts is None else experts:
-            self.fc1_weight[e].copy_(fc1.weight)
-            self.fc1_bias[e].copy_(fc1.bias)
-            self.fc2_weight[e].copy_(fc2.weight)
-            if self.fc2_bias is not None:
+        for i in range(self.num_experts) if experts is None else experts:
+            expert = self[i]
+            expert.fc1.weight.copy_(fc1.weight)
+            expert.fc1.bias.copy_(fc1.bias)
+            expert.fc2.weight.copy_(fc2.weight)
+            if expert.fc2.bias is not None:
                 if fc2.bias is None:
-                    self.fc2_bias[e].zero_()
+                    expert.fc2.bias.zero_()
                 else:
-                    self.fc2_bias[e].copy_(fc2.bias)
+                    expert.fc2.bias.copy_(fc2.bias)
 
     def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """Apply each expert to its rows.
 
         Args:
-            x: ``[N, d]`` rows sorted by expert.
-            counts: ``E`` ints, rows per expert (summing to ``N``).
+            x: ``[N, d]`` rows sorted by expert (local order).
+            counts: ``num_experts`` ints, rows per expert (summing to ``N``).
 
         Returns:
             ``[N, d]``; under autocast, in the autocast dtype (like ``nn.Linear``).
         """
-        w1, b1, w2, b2 = self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias
+        experts = list(self.ffn.values())
+        w1 = [e.fc1.weight for e in experts]
+        b1 = [e.fc1.bias for e in experts]
+        w2 = [e.fc2.weight for e in experts]
+        b2 = [e.fc2.bias for e in experts] if self.has_fc2_bias else None
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
-            x, w1, b1, w2 = x.to(dtype), w1.to(dtype), b1.to(dtype), w2.to(dtype)
-            b2 = None if b2 is None else b2.to(dtype)
+            cast = lambda ts: None if ts is None else [t.to(dtype) for t in ts]  # noqa: E731
+            x, w1, b1, w2, b2 = x.to(dtype), cast(w1), cast(b1), cast(w2), cast(b2)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x, counts, w1, b1, w2, b2)
-        if x.dtype != w1.dtype:
-            raise TypeError(f"Experts: input dtype {x.dtype} != parameter dtype {w1.dtype}")
+        if x.dtype != w1[0].dtype:
+            raise TypeError(f"Experts: input dtype {x.dtype} != parameter dtype {w1[0].dtype}")
         return self._run(x, counts, w1, b1, w2, b2)
 
     def _run(
         self,
         x: Tensor,
         counts: Sequence[int],
-        w1: Tensor,
-        b1: Tensor,
-        w2: Tensor,
-        b2: Tensor | None,
+        w1: list[Tensor],
+        b1: list[Tensor],
+        w2: list[Tensor],
+        b2: list[Tensor] | None,
     ) -> Tensor:
+        if len(counts) != self.num_experts:
+            raise ValueError(f"Experts: got {len(counts)} counts for {self.num_experts} experts")
         return expert_ffn(
             x,
             counts,
@@ -434,15 +548,3 @@ class Experts(nn.Module):
             training=self.training,
             threaded=self.cpu_threads,
         )
-
-    def reference_forward(self, x: Tensor, expert: int) -> Tensor:
-        """Expert ``expert`` on ``x [M, d]`` with plain autograd ops (tests, no dropout)."""
-        act = {
-            "gelu": F.gelu,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-            "relu": F.relu,
-            "silu": F.silu,
-        }[self.activation]
-        hid = act(F.linear(x, self.fc1_weight[expert], self.fc1_bias[expert]))
-        b2 = None if self.fc2_bias is None else self.fc2_bias[expert]
-        return F.linear(hid, self.fc2_weight[expert], b2)

@@ -84,7 +84,10 @@ class MoEFFN(nn.Module):
             kind=router,
             normalize_gate=normalize_gate,
         )
-        expert_kwargs = dict(
+        # All ranks build every expert from the same RNG state, then keep their own shard, so
+        # the shards together equal the single-process layer's experts.
+        self.experts = Experts(
+            num_experts=num_experts,
             d_model=d_model,
             hidden_dim=hidden_dim,
             activation=activation,
@@ -92,7 +95,6 @@ class MoEFFN(nn.Module):
             fc2_bias=fc2_bias,
             cpu_threads=cpu_threads,
         )
-        self.experts = Experts(num_experts=num_experts, **expert_kwargs)
         self.expert_parallel_group = expert_parallel_group
         self.expert_offset = 0
         if expert_parallel_group is not None:
@@ -105,13 +107,7 @@ class MoEFFN(nn.Module):
                 )
             local = num_experts // world
             self.expert_offset = rank * local
-            full = self.experts
-            self.experts = Experts(num_experts=local, **expert_kwargs)
-            with torch.no_grad():
-                for name, param in self.experts.named_parameters():
-                    param.copy_(
-                        getattr(full, name)[self.expert_offset : self.expert_offset + local]
-                    )
+            self.experts.keep_(range(self.expert_offset, self.expert_offset + local))
 
     @property
     def num_local_experts(self) -> int:

@@ -22,13 +22,14 @@ def two_threads():
 
 def _params(num_experts: int, d: int, h: int, dtype=torch.float64, bias2: bool = True):
     g = torch.Generator().manual_seed(0)
-    mk = lambda *s: (torch.randn(*s, generator=g, dtype=dtype) * 0.5).requires_grad_()  # noqa: E731
-    return (
-        mk(num_experts, h, d),
-        mk(num_experts, h),
-        mk(num_experts, d, h),
-        (mk(num_experts, d) if bias2 else None),
-    )
+
+    def mk(*shape: int) -> list[torch.Tensor]:
+        return [
+            (torch.randn(*shape, generator=g, dtype=dtype) * 0.5).requires_grad_()
+            for _ in range(num_experts)
+        ]
+
+    return mk(h, d), mk(h), mk(d, h), (mk(d) if bias2 else None)
 
 
 def test_plan_items_splits_rows_evenly() -> None:
@@ -44,18 +45,23 @@ def test_gradcheck_expert_ffn(threaded: bool, activation: str, two_threads) -> N
     w1, b1, w2, b2 = _params(4, 3, 5)
     x = torch.randn(sum(counts), 3, dtype=torch.float64, requires_grad=True)
 
-    def fn(x, w1, b1, w2, b2):
+    def fn(x, *ps):
+        w1, b1, w2, b2 = ps[:4], ps[4:8], ps[8:12], ps[12:]
         return expert_ffn(x, counts, w1, b1, w2, b2, activation=activation, threaded=threaded)
 
-    assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2))
+    assert torch.autograd.gradcheck(fn, (x, *w1, *b1, *w2, *b2))
 
 
 def test_gradcheck_without_fc2_bias_and_partial_grads(two_threads) -> None:
     counts = [2, 5]
     w1, b1, w2, _ = _params(2, 3, 4, bias2=False)
+    w1, b1 = [w.detach() for w in w1], [b.detach() for b in b1]
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, w2: expert_ffn(x, counts, w1.detach(), b1.detach(), w2, None, threaded=True)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, w2))
+
+    def fn(x, *w2):
+        return expert_ffn(x, counts, w1, b1, w2, None, threaded=True)
+
+    assert torch.autograd.gradcheck(fn, (x, *w2))
 
 
 @pytest.mark.parametrize("threaded", [False, True])
@@ -67,7 +73,7 @@ def test_matches_reference_per_expert(threaded: bool, two_threads) -> None:
     y = experts(x, counts)
     starts = [0, 4, 11, 13]
     for e in range(3):
-        ref = experts.reference_forward(x[starts[e] : starts[e + 1]], e)
+        ref = experts[e](x[starts[e] : starts[e + 1]])
         torch.testing.assert_close(y[starts[e] : starts[e + 1]], ref)
 
 
@@ -90,7 +96,7 @@ def test_threaded_equals_serial_including_grads(two_threads) -> None:
 
 def test_dropout_uses_one_mask_drawn_on_the_calling_thread(two_threads) -> None:
     p, counts = 0.25, [5, 7]
-    w1, b1, w2, b2 = (t.detach().float() for t in _params(2, 4, 6))
+    w1, b1, w2, b2 = ([t.detach().float() for t in ts] for ts in _params(2, 4, 6))
     x = torch.randn(12, 4)
     torch.manual_seed(7)
     y = expert_ffn(x, counts, w1, b1, w2, b2, dropout=p, training=True, threaded=True)
@@ -110,28 +116,44 @@ def test_init_like_nn_linear_and_xavier_per_expert() -> None:
     torch.manual_seed(0)
     experts = Experts(num_experts=4, d_model=64, hidden_dim=256)
     bound1, bound2 = 1 / math.sqrt(64), 1 / math.sqrt(256)
-    assert experts.fc1_weight.abs().max() <= bound1 and experts.fc1_bias.abs().max() <= bound1
-    assert experts.fc2_weight.abs().max() <= bound2 and experts.fc2_bias.abs().max() <= bound2
-    # experts differ from each other and use most of the range (not a tiny trunc-normal)
-    assert not torch.equal(experts.fc1_weight[0], experts.fc1_weight[1])
-    assert experts.fc1_weight.abs().max() > 0.9 * bound1
+    for e in range(4):
+        fc1, fc2 = experts[e].fc1, experts[e].fc2
+        assert fc1.weight.abs().max() <= bound1 and fc1.bias.abs().max() <= bound1
+        assert fc2.weight.abs().max() <= bound2 and fc2.bias.abs().max() <= bound2
+        assert fc1.weight.abs().max() > 0.9 * bound1  # the full nn.Linear range
+    assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight)
+    assert experts.expert_ids == [0, 1, 2, 3]
+    assert "ffn.3.fc2.bias" in dict(experts.named_parameters())
     experts.reset_parameters("xavier")
     xavier = math.sqrt(6 / (64 + 256))
-    assert 0.9 * xavier < experts.fc1_weight.abs().max() <= xavier
-    assert experts.fc2_bias.abs().max() == 0 and experts.fc1_bias.abs().max() == 0
+    assert 0.9 * xavier < experts[2].fc1.weight.abs().max() <= xavier
+    assert experts[2].fc2.bias.abs().max() == 0 and experts[2].fc1.bias.abs().max() == 0
+
+
+def test_keep_shard_uses_global_ids() -> None:
+    torch.manual_seed(0)
+    full = Experts(num_experts=4, d_model=4, hidden_dim=8)
+    shard = Experts(num_experts=4, d_model=4, hidden_dim=8)
+    shard.load_state_dict(full.state_dict())
+    shard.keep_([2, 3])
+    assert shard.num_experts == 2 and shard.expert_ids == [2, 3]
+    assert torch.equal(shard[0].fc1.weight, full[2].fc1.weight)
+    assert set(shard.state_dict()) < set(full.state_dict())
+    with pytest.raises(ValueError, match=r"\[0\]"):
+        shard.keep_([0])
 
 
 def test_load_dense_copies_into_chosen_experts() -> None:
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
     experts = Experts(num_experts=3, d_model=8, hidden_dim=16)
-    before = experts.fc1_weight[0].clone()
+    before = experts[0].fc1.weight.clone()
     experts.load_dense_(fc1, fc2, experts=[1, 2])
     x = torch.randn(5, 8)
     dense = fc2(nn.functional.gelu(fc1(x)))
     y = experts(torch.cat([x, x]), [0, 5, 5])
     torch.testing.assert_close(y, torch.cat([dense, dense]))
-    assert torch.equal(experts.fc1_weight[0], before)
+    assert torch.equal(experts[0].fc1.weight, before)
     with pytest.raises(ValueError, match="fc1 weight must be"):
         experts.load_dense_(nn.Linear(8, 12), fc2)
 
@@ -147,15 +169,15 @@ def test_bf16_autocast_cpu() -> None:
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
     y.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.float32
-    assert experts.fc1_weight.grad.dtype == torch.float32
-    assert experts.fc1_weight.grad.abs().sum() > 0
+    assert experts[0].fc1.weight.grad.dtype == torch.float32
+    assert experts[1].fc1.weight.grad.abs().sum() > 0
 
 
 def test_validation_errors() -> None:
     experts = Experts(num_experts=2, d_model=4, hidden_dim=8)
     with pytest.raises(ValueError, match="counts sum"):
         experts(torch.randn(5, 4), [2, 2])
-    with pytest.raises(ValueError, match="2 experts"):
+    with pytest.raises(ValueError, match="for 2 experts"):
         experts(torch.randn(5, 4), [5])
     with pytest.raises(TypeError, match="dtype"):
         experts(torch.randn(5, 4, dtype=torch.float64), [2, 3])

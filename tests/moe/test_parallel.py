@@ -54,10 +54,11 @@ def _check(rank: int) -> None:
     full = MoEFFN(**KW)
     torch.manual_seed(0)
     ep = MoEFFN(**KW, expert_parallel_group=dist.group.WORLD)
-    local = slice(2 * rank, 2 * rank + 2)
     assert ep.num_local_experts == 2 and ep.expert_offset == 2 * rank
-    for name, p in ep.experts.named_parameters():
-        assert torch.equal(p, getattr(full.experts, name)[local]), name
+    assert ep.experts.expert_ids == [2 * rank, 2 * rank + 1]
+    full_params = dict(full.experts.named_parameters())
+    for name, p in ep.experts.named_parameters():  # same names (global ids), same values
+        assert torch.equal(p, full_params[name]), name
     assert torch.equal(ep.router.weight, full.router.weight)
 
     # expert-parallel forward/backward on this rank's tokens
@@ -84,7 +85,7 @@ def _check(rank: int) -> None:
     torch.testing.assert_close(x_ep.grad, x_grad_ref, **tol)
     torch.testing.assert_close(ep.router.weight.grad, router_grad_ref, **tol)
     for name, p in ep.experts.named_parameters():
-        torch.testing.assert_close(p.grad, getattr(full.experts, name).grad[local], **tol)
+        torch.testing.assert_close(p.grad, full_params[name].grad, **tol)
 
     # DDP: expert params ignored (rank-local), their gradients scaled by 1/W; the router's
     # gradient is averaged over the ranks by DDP
@@ -97,7 +98,7 @@ def _check(rank: int) -> None:
     net.zero_grad()
     (ddp(x, ti) * w).sum().backward()
     for name, p in ep.experts.named_parameters():
-        expected = getattr(full.experts, name).grad[local] / WORLD
+        expected = full_params[name].grad / WORLD
         torch.testing.assert_close(p.grad, expected, **tol)
     router_mean = (ref[0][3] + ref[1][3]) / WORLD
     torch.testing.assert_close(ep.router.weight.grad, router_mean, **tol)
