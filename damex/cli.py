@@ -144,7 +144,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     results = evaluate_checkpoint(
         cfg, args.checkpoint, datasets=args.datasets, out_dir=args.out, restrict=args.restrict
     )
-    print(results.to_markdown())
+    if results is not None:  # None on ranks other than 0 under torchrun
+        print(results.to_markdown())
     return 0
 
 
