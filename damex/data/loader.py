@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import logging
 import random
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +36,9 @@ from damex.data.samplers import (
     DatasetAwareSampler,
     InferenceSampler,
     derive_seed,
-    limited_subset,
     repeat_factors,
 )
+from damex.data.subsets import select_subset
 from damex.data.transforms import SampleTransform, build_transforms
 from damex.errors import ConfigError, DatasetError
 from damex.structures import Batch, Sample, Target, normalize_boxes
@@ -429,9 +428,10 @@ def build_train_loader(
             raise DatasetError(f"{ds.ann_file}: no usable training image in dataset {name!r}")
         subset = None
         if name in data.limited:
-            # The subset is a property of (dataset, percent), like the official fsPerc files:
-            # it does not change with train.seed, so seeds are compared on the same images.
-            subset = limited_subset(len(ds), float(data.limited[name]), zlib.crc32(name.encode()))
+            # The subset is a property of (dataset, percent), like the official fsPerc files: the
+            # same images as `tools/make_subsets.py` writes (seed 0), whatever train.seed is.
+            kept = select_subset(ds.image_ids, float(data.limited[name]), seed=0)
+            subset = [i for i, image_id in enumerate(ds.image_ids) if image_id in kept]
             logger.info(
                 "%s: limited to %d of %d images (%g%%)",
                 name,

@@ -45,7 +45,6 @@ __all__ = [
     "InferenceSampler",
     "dataset_weights",
     "repeat_factors",
-    "limited_subset",
     "derive_seed",
 ]
 
@@ -119,26 +118,6 @@ def repeat_factors(image_labels: Sequence[Sequence[int]], threshold: float) -> l
             counts[c] = counts.get(c, 0) + 1
     cat_factor = {c: max(1.0, math.sqrt(threshold / (n / num_images))) for c, n in counts.items()}
     return [max((cat_factor[int(c)] for c in labels), default=1.0) for labels in image_labels]
-
-
-def limited_subset(num_images: int, percent: float, seed: int) -> list[int]:
-    """A seeded image-level ``percent``% subset (spec §4.7, the ``fsPerc{P}`` files).
-
-    Args:
-        num_images: size of the full dataset.
-        percent: in ``(0, 100]``; ``round(num_images * percent / 100)`` images are kept (>= 1).
-        seed: subset seed (the same seed always gives the same subset).
-
-    Returns:
-        Sorted indices into the full dataset.
-    """
-    if not 0.0 < percent <= 100.0:
-        raise ValueError(f"limited-data percent must be in (0, 100], got {percent}")
-    if num_images <= 0:
-        return []
-    keep = max(1, min(num_images, int(round(num_images * percent / 100.0))))
-    g = torch.Generator().manual_seed(derive_seed(seed, num_images, 0x5B5E7))
-    return sorted(torch.randperm(num_images, generator=g)[:keep].tolist())
 
 
 def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:

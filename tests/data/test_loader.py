@@ -15,6 +15,7 @@ from damex.config import Config, DataConfig, EvalConfig, TrainConfig
 from damex.data.catalog import DatasetCatalog, DatasetSpec
 from damex.data.label_space import build_label_space
 from damex.data.loader import build_test_loaders, build_train_loader, collate
+from damex.data.subsets import select_subset
 from damex.errors import ConfigError, DatasetError
 from damex.structures import Batch, Sample, box_cxcywh_to_xyxy
 
@@ -207,6 +208,9 @@ def test_limited_subset(world):
     kept = {datasets[0].image_info(k).image_id for k in loader.dataset.subsets[0]}
     seen = {int(i) for b in loader for i, d in zip(b.image_ids, b.dataset_ids) if d == 0}
     assert seen <= kept and len(kept) == 3
+    # the same images as the fsPerc JSON that tools/make_subsets.py writes (seed 0)
+    all_ids = [datasets[0].image_info(k).image_id for k in range(len(datasets[0]))]
+    assert kept == select_subset(all_ids, 25.0, seed=0)
     again, _, _ = build_train_loader(_with_data(cfg, limited={"big": 25.0}), catalog, ls)
     assert again.dataset.subsets == loader.dataset.subsets
     with pytest.raises(ConfigError, match="data.limited.nope"):

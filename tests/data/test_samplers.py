@@ -11,7 +11,6 @@ from damex.data.samplers import (
     DatasetAwareSampler,
     InferenceSampler,
     dataset_weights,
-    limited_subset,
     repeat_factors,
 )
 
@@ -232,12 +231,3 @@ def test_inference_sampler_contiguous_each_index_once():
     assert list(InferenceSampler(2, rank=3, world_size=4)) == []
 
 
-def test_limited_subset_seeded_and_sized():
-    a = limited_subset(200, 10.0, seed=42)
-    assert len(a) == 20 and a == sorted(set(a)) and all(0 <= i < 200 for i in a)
-    assert a == limited_subset(200, 10.0, seed=42)
-    assert a != limited_subset(200, 10.0, seed=43)
-    assert limited_subset(200, 100.0, seed=0) == list(range(200))
-    assert len(limited_subset(5, 1.0, seed=0)) == 1
-    with pytest.raises(ValueError, match="percent"):
-        limited_subset(10, 0.0, seed=0)
