@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every image count")
     p.add_argument("--image-size", type=int, default=256, help="longest image side in pixels")
 
+    for name, text in (
+        ("prepare-uodb", "rebuild UODB as COCO JSON from the original releases"),
+        ("make-subsets", "write seeded P%% image subsets (the limited-data fsPerc files)"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)  # arguments: see _DELEGATED
+
     p = sub.add_parser("benchmark", help="speed benchmarks: moe | model")
     p.add_argument("what", choices=["moe", "model"])
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -209,6 +215,21 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare_uodb(argv: list[str]) -> int:
+    from damex.data.converters.prepare import main as prepare_main
+
+    return prepare_main(argv)
+
+
+def _cmd_make_subsets(argv: list[str]) -> int:
+    from damex.data.subsets import main as subsets_main
+
+    return subsets_main(argv)
+
+
+# commands with their own argument parser: everything after the command name goes to them
+_DELEGATED = {"prepare-uodb": _cmd_prepare_uodb, "make-subsets": _cmd_make_subsets}
+
 _COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
@@ -223,6 +244,9 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the process exit code (2 for a user error, with its message)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        return _DELEGATED[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
