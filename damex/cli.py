@@ -135,11 +135,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from damex.engine.trainer import train
 
     result = train(cfg, resume=args.resume or False)
-    if not args.no_report and result.is_main_process and cfg.uses_moe:
+    if not result.is_main_process:
+        return 0
+    if result.final_results is not None:
+        print(f"\nAP per dataset ({result.iterations} iterations, {result.elapsed_s / 60:.1f} min):")
+        print(result.final_results.to_markdown())
+    if not args.no_report and cfg.uses_moe:
         from damex.engine.report import visualize_routing
 
-        report = visualize_routing(cfg, result.checkpoint, Path(cfg.output.dir) / "routing")
-        print(f"routing report: {report}")
+        report = visualize_routing(
+            cfg,
+            result.checkpoint,
+            Path(cfg.output.dir) / "routing",
+            precomputed=(result.final_results, result.final_routing),
+        )
+        overview = (report.parent / "routing.md").read_text().split("###")[0].strip()
+        print(f"\nRouting of held-out test images (no dataset id given to the model):\n{overview}")
+        print(f"\nrouting report: {report}")
+    print(f"checkpoint: {result.checkpoint}")
     return 0
 
 

@@ -84,6 +84,7 @@ def visualize_routing(
     checkpoint: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     tokens: str | None = None,
+    precomputed: tuple[Any, Any] | None = None,
 ) -> Path:
     """Routing statistics, figures and the HTML report of a MoE checkpoint (single process).
 
@@ -93,6 +94,8 @@ def visualize_routing(
         checkpoint: a ``.pth`` written by ``train``.
         out_dir: report folder (created).
         tokens: which decoder tokens to count (default ``eval.routing_tokens``).
+        precomputed: ``(EvalResults, RoutingStats)`` of this checkpoint on the test sets (the
+            trainer's final evaluation); skips the inference pass. Overlays are still drawn.
 
     Returns:
         The HTML report path.
@@ -123,17 +126,20 @@ def visualize_routing(
     loaders = build_test_loaders(
         cfg, data.catalog, ls, None, 0, 1, expert_of_dataset=data.expert_of_dataset
     )
-    criterion = build_criterion(cfg, ls.num_classes)
-    results, stats = run_inference(
-        model,
-        postprocess,
-        loaders,
-        ls,
-        routing_stats=True,
-        routing_tokens=tokens,
-        expert_of_dataset=data.expert_of_dataset,
-        matcher=criterion.matcher,
-    )
+    if precomputed is not None and precomputed[1] is not None:
+        results, stats = precomputed
+    else:
+        criterion = build_criterion(cfg, ls.num_classes)
+        results, stats = run_inference(
+            model,
+            postprocess,
+            loaders,
+            ls,
+            routing_stats=True,
+            routing_tokens=tokens,
+            expert_of_dataset=data.expert_of_dataset,
+            matcher=criterion.matcher,
+        )
     if stats is None:
         raise ConfigError(f"visualize-routing: the model of {checkpoint} returned no routing")
     emap = {n: e for n, e in data.expert_map.items() if e >= 0}

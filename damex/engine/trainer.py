@@ -98,6 +98,8 @@ class TrainResult:
         best_mean_ap: best mean AP over the evaluation datasets (None: never evaluated).
         best_per_dataset: dataset -> ``{"ap", "iteration", "epoch"}`` of its own best AP.
         final_results: the final evaluation (rank 0; None elsewhere or when skipped).
+        final_routing: routing statistics of the final evaluation (MoE models; else None), so
+            the routing report need not run inference again.
         is_main_process: True on rank 0.
     """
 
@@ -112,6 +114,7 @@ class TrainResult:
     best_mean_ap: float | None = None
     best_per_dataset: dict[str, dict[str, float]] = field(default_factory=dict)
     final_results: Any = None
+    final_routing: Any = None
     is_main_process: bool = True
 
 
@@ -586,15 +589,20 @@ class _Trainer:
             return None
         eval_model = self.ema.module if self.ema is not None else self.model
         t0 = time.perf_counter()
-        results, _ = run_inference(
+        want_routing = final and self.cfg.uses_moe  # the final report reuses these counts
+        results, routing = run_inference(
             eval_model,
             self.postprocess,
             self.test_loaders,
             self.data.label_space,
-            routing_stats=False,
+            routing_stats=want_routing,
             restrict=self.cfg.eval.restrict_to_dataset_labels,
             amp_dtype=self.amp_dtype,
+            routing_tokens=self.cfg.eval.routing_tokens,
+            expert_of_dataset=self.data.expert_of_dataset,
+            matcher=self.criterion.matcher if want_routing else None,
         )
+        self._last_routing = routing
         improved = False
         if self.is_main and results is not None:
             st = self.state
@@ -766,6 +774,7 @@ class _Trainer:
             best_mean_ap=st.best_mean_ap,
             best_per_dataset=st.best_per_dataset,
             final_results=results,
+            final_routing=self._last_routing,
             is_main_process=self.is_main,
         )
 
@@ -853,6 +862,7 @@ class _Trainer:
 
     _last_eval_iter: int = -1
     _last_results: Any = None
+    _last_routing: Any = None
     _saved_iter: int = -1
     _last_grad_norm: float = float("nan")
 
