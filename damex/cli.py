@@ -138,7 +138,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not result.is_main_process:
         return 0
     if result.final_results is not None:
-        print(f"\nAP per dataset ({result.iterations} iterations, {result.elapsed_s / 60:.1f} min):")
+        minutes = result.elapsed_s / 60
+        print(f"\nAP per dataset ({result.iterations} iterations, {minutes:.1f} min):")
         print(result.final_results.to_markdown())
     if not args.no_report and cfg.uses_moe:
         from damex.engine.report import visualize_routing
