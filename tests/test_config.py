@@ -103,8 +103,8 @@ def test_expert_map_validation(tmp_path: Path) -> None:
         load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 1}\n"))
     with pytest.raises(ConfigError, match=r"'moe\.expert_map\.b' = 2 is out of range"):
         load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 2, c: 1}\n"))
-    with pytest.raises(ConfigError, match=r"unknown dataset 'cc'; did you mean 'c'"):
-        load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 1, c: 1, cc: 0}\n"))
+    with pytest.raises(ConfigError, match=r"unknown dataset 'syn_phot'; did you mean 'syn_photo'"):
+        load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 1, c: 1, syn_phot: 0}\n"))
     # the balance-loss baseline needs no map
     load_config(_moe_cfg(tmp_path, "  loss: switch\n"))
 
