@@ -11,7 +11,7 @@ from damex.moe.dispatch import (
     group_index,
     plan_dispatch,
 )
-from damex.moe.experts import ACTIVATIONS, Experts, expert_ffn
+from damex.moe.experts import ACTIVATIONS, ExpertFFN, Experts, expert_ffn
 from damex.moe.layer import MoEFFN
 from damex.moe.losses import (
     MOE_LOSSES,
@@ -38,6 +38,7 @@ __all__ = [
     "MOE_LOSSES",
     "ROUTER_KINDS",
     "DispatchPlan",
+    "ExpertFFN",
     "ExpertMap",
     "Experts",
     "MoEFFN",

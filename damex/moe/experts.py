@@ -32,8 +32,12 @@ __all__ = ["ACTIVATIONS", "ExpertFFN", "Experts", "expert_ffn"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
-# Below this many multiply-adds per forward GEMM pair, thread dispatch costs more than it saves.
+# Automatic CPU threading (measured on the 2-core dev box, d=256, h=2048): below this many
+# multiply-adds per GEMM, thread dispatch costs more than it saves; above this many rows per
+# expert, MKL's own multi-threaded GEMMs are as fast (and per-thread buffers of that size get
+# page-faulted again on every call by glibc's worker-thread arenas).
 _THREAD_MIN_MACS = 1 << 24
+_THREAD_MAX_ROWS_PER_EXPERT = 512
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -279,7 +283,8 @@ def expert_ffn(
         dropout: dropout probability on the hidden activations (training only).
         training: whether dropout is active.
         threaded: CPU only: one contiguous row range per intra-op thread, each thread running
-            single-threaded GEMMs. None = automatic (CPU, > 1 thread, enough work).
+            single-threaded GEMMs. None = automatic (CPU, > 1 thread, enough work, at most 512
+            rows per expert on average).
 
     Returns:
         ``[N, d]``, in ``x``'s dtype (autocast is resolved by the caller, see :class:`Experts`).
@@ -300,8 +305,10 @@ def expert_ffn(
     hidden = w1[0].shape[0]
     if threaded is None:
         macs = x.shape[0] * hidden * x.shape[1]
+        rows_per_expert = x.shape[0] / max(1, sum(c > 0 for c in counts))
         threaded = x.device.type == "cpu" and torch.get_num_threads() > 1
         threaded = threaded and macs >= _THREAD_MIN_MACS
+        threaded = threaded and rows_per_expert <= _THREAD_MAX_ROWS_PER_EXPERT
     elif threaded and x.device.type != "cpu":
         threaded = False
     drop_mask, drop_scale = None, 1.0
