@@ -4,7 +4,11 @@ All configurations of one token count are timed in interleaved rounds (dense, th
 (E, cf), repeated), so slow drifts of a shared machine hit them alike; the table reports the
 median time of each and the ratio of medians to the dense FFN.
 
-Run ``python -m damex.moe.bench`` for the default table.
+Run ``python -m damex.moe.bench`` for the default table. On a shared CPU the numbers swing by
++-10% between runs (OpenMP regions stall when another process holds a core); compare ratios
+from one run on an otherwise idle machine. The dense baseline also pays glibc page faults for
+its ``[T, h]`` activations (>= ~15 MB buffers are re-mapped on every call), which the MoE's
+per-expert buffers mostly avoid; that favours the MoE slightly at large T.
 """
 
 from __future__ import annotations
