@@ -114,7 +114,8 @@ def test_moe_block_pre_norm_batch_major_tags():
     assert info.token_image.tolist() == [0, 0, 0, 1, 1, 1]  # batch-major flattening
     assert info.token_kind.tolist() == [1, 0, 0, 2, 0, 0]
     assert info.token_query.tolist() == [-1, 0, 1, -1, 0, 1]
-    expected = x + moe.experts.reference_forward(block.norm(x).reshape(6, D), 0).view(2, 3, D)
+    expert0 = moe.experts[0]  # ExpertFFN: fc1 -> GELU -> fc2
+    expected = x + expert0(block.norm(x).reshape(6, D)).view(2, 3, D)
     torch.testing.assert_close(y, expected)  # pre-norm, no norm after the residual
     # in training, DropPath zeroes whole tokens of the MoE branch independently per image
     block.train()
