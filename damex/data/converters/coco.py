@@ -22,16 +22,14 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from damex.data.converters.common import (
     BadRecord,
-    CocoBuilder,
     ConversionReport,
-    Issues,
     OnBadSample,
     OutOfBounds,
+    progress_bar,
     read_text,
+    split_builder,
 )
 from damex.data.uodb import COCO_CATEGORY_IDS, COCO_CLASSES
 from damex.errors import DatasetError
@@ -129,15 +127,15 @@ def convert_coco(
     json_in = Path(json_in)
     data = load_coco_json(json_in)
     categories = _check_categories(json_in, data["categories"])
-    report = ConversionReport(dataset=dataset, split=split)
-    issues = Issues(report, on_bad_sample)
-    builder = CocoBuilder(
+    builder = split_builder(
+        dataset=dataset,
+        split=split,
         categories=categories,
-        report=report,
-        issues=issues,
+        on_bad_sample=on_bad_sample,
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} from {json_in.name}",
     )
+    report, issues = builder.report, builder.issues
     excluded = {int(i) for i in exclude_image_ids}
     sizes: dict[int, tuple[int, int]] = {}
     for k, img in enumerate(data["images"]):
@@ -165,9 +163,7 @@ def convert_coco(
         sizes[image_id] = (width, height)
     with_boxes: set[int] = set()
     anns = data["annotations"]
-    for k, ann in enumerate(
-        tqdm(anns, desc=f"{dataset}/{split}", disable=not progress, leave=False)
-    ):
+    for k, ann in enumerate(progress_bar(anns, report, progress)):
         where = f"{json_in} annotations[{k}]"
         try:
             try:

@@ -26,12 +26,13 @@ import tempfile
 import warnings
 import xml.parsers.expat
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from damex.errors import DatasetError
 
@@ -39,12 +40,16 @@ __all__ = [
     "OnBadSample",
     "OutOfBounds",
     "FlagPolicy",
+    "FLAG_POLICIES",
     "BadRecord",
     "ConversionReport",
     "Issues",
     "ObjectRecord",
     "ImageRecord",
     "CocoBuilder",
+    "split_builder",
+    "progress_bar",
+    "convert_records",
     "XmlNode",
     "parse_xml",
     "read_image_size",
@@ -63,6 +68,9 @@ OutOfBounds = Literal["clip", "error"]
 # "ignore" writes them as COCO ignore regions (iscrowd=1), "drop" leaves them out, "keep" writes
 # them as ordinary boxes (what DAMEX's own voc_to_coco.py did: it never read <difficult>).
 FlagPolicy = Literal["ignore", "drop", "keep"]
+FLAG_POLICIES: tuple[str, ...] = ("ignore", "drop", "keep")
+
+_T = TypeVar("_T")
 
 _MAX_EXAMPLES = 3
 # Coordinates are rounded to 6 decimals so that float noise (423.81 - 387.63 =
@@ -398,6 +406,75 @@ class CocoBuilder:
         write_json_atomic(path, self.to_dict())
         self.report.json_path = path
         return path
+
+
+def split_builder(
+    *,
+    dataset: str,
+    split: str,
+    categories: Sequence[tuple[int, str]],
+    on_bad_sample: OnBadSample,
+    out_of_bounds: OutOfBounds,
+    description: str,
+) -> CocoBuilder:
+    """A :class:`CocoBuilder` for one split, with a fresh report and bad-sample policy.
+
+    The report is ``builder.report`` and the policy ``builder.issues``.
+
+    Args:
+        dataset: dataset name for the report.
+        split: split name for the report.
+        categories: ``(native id, name)`` pairs, written in this order.
+        on_bad_sample: ``"error"`` | ``"skip"``.
+        out_of_bounds: ``"clip"`` | ``"error"``.
+        description: stored under ``info.description``.
+    """
+    report = ConversionReport(dataset=dataset, split=split)
+    return CocoBuilder(
+        categories=categories,
+        report=report,
+        issues=Issues(report, on_bad_sample),
+        out_of_bounds=out_of_bounds,
+        description=description,
+    )
+
+
+def progress_bar(items: Iterable[_T], report: ConversionReport, progress: bool) -> Iterable[_T]:
+    """``items`` behind a tqdm bar named ``<dataset>/<split>`` (shown only with ``progress``)."""
+    return tqdm(items, desc=f"{report.dataset}/{report.split}", disable=not progress, leave=False)
+
+
+def convert_records(
+    builder: CocoBuilder,
+    items: Iterable[_T],
+    parse: Callable[[_T], ImageRecord],
+    json_out: Path,
+    *,
+    progress: bool,
+) -> ConversionReport:
+    """Parse every item into an image record, add it, and write the JSON.
+
+    A :class:`BadRecord` raised by ``parse`` drops that item through ``builder.issues``.
+
+    Args:
+        builder: from :func:`split_builder`.
+        items: one per image (ids, files, groups of rows), in output order.
+        parse: item -> its image and boxes.
+        json_out: the COCO JSON to write.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``builder.report``.
+    """
+    for item in progress_bar(items, builder.report, progress):
+        try:
+            record = parse(item)
+        except BadRecord as bad:
+            builder.issues.handle(bad)
+            continue
+        builder.add_record(record)
+    builder.write(Path(json_out))
+    return builder.report
 
 
 # --------------------------------------------------------------------------------------------

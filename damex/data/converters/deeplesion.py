@@ -29,18 +29,17 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from damex.data.converters.common import (
     BadRecord,
-    CocoBuilder,
     ConversionReport,
     ImageRecord,
-    Issues,
     ObjectRecord,
     OnBadSample,
     OutOfBounds,
+    convert_records,
     read_text,
+    split_builder,
     write_bytes_atomic,
 )
 from damex.data.uodb import UODB_CLASSES
@@ -166,15 +165,15 @@ def convert_deeplesion(
     classes = list(classes or UODB_CLASSES["deeplesion"])
     if len(classes) != 1:
         raise ValueError(f"DeepLesion has one class, got classes={classes}")
-    report = ConversionReport(dataset=dataset, split=split)
-    issues = Issues(report, on_bad_sample)
-    builder = CocoBuilder(
+    builder = split_builder(
+        dataset=dataset,
+        split=split,
         categories=[(1, classes[0])],
-        report=report,
-        issues=issues,
+        on_bad_sample=on_bad_sample,
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from {csv_path.name} (subsets {sorted(subsets)})",
     )
+    report, issues = builder.report, builder.issues
     try:
         text = read_text(csv_path)
     except BadRecord as bad:
@@ -215,56 +214,46 @@ def convert_deeplesion(
             continue
         groups.setdefault(row["File_name"].strip(), []).append((lineno, row))
 
-    for file_name in tqdm(
-        sorted(groups), desc=f"{dataset}/{split}", disable=not progress, leave=False
-    ):
+    def parse(file_name: str) -> ImageRecord:
         rows = groups[file_name]
         first = f"{csv_path}:{rows[0][0]}"
         try:
-            try:
-                src, folder, slice_no = deeplesion_source_path(images_dir, file_name)
-            except ValueError as exc:
-                raise BadRecord(first, str(exc), "malformed row") from None
-            width, height = (
-                int(v) for v in _floats(rows[0][1]["Image_size"], 2, first, "Image_size")
+            src, folder, slice_no = deeplesion_source_path(images_dir, file_name)
+        except ValueError as exc:
+            raise BadRecord(first, str(exc), "malformed row") from None
+        width, height = (int(v) for v in _floats(rows[0][1]["Image_size"], 2, first, "Image_size"))
+        low, high = _floats(rows[0][1]["DICOM_windows"], 2, first, "DICOM_windows")
+        if not high > low:
+            raise BadRecord(
+                first,
+                f"DICOM_windows must have high > low, got ({low:g}, {high:g})",
+                "malformed row",
             )
-            low, high = _floats(rows[0][1]["DICOM_windows"], 2, first, "DICOM_windows")
-            if not high > low:
+        rel = f"{folder}/{src.name}"
+        dst = out_image_dir / rel
+        if overwrite_images or not dst.is_file():
+            raw = _read_slice(src, first)
+            if raw.shape != (height, width):
                 raise BadRecord(
                     first,
-                    f"DICOM_windows must have high > low, got ({low:g}, {high:g})",
-                    "malformed row",
+                    f"{src}: image is {raw.shape[1]}x{raw.shape[0]}, Image_size says "
+                    f"{width}x{height}",
+                    "size mismatch",
                 )
-            rel = f"{folder}/{src.name}"
-            dst = out_image_dir / rel
-            if overwrite_images or not dst.is_file():
-                raw = _read_slice(src, first)
-                if raw.shape != (height, width):
-                    raise BadRecord(
-                        first,
-                        f"{src}: image is {raw.shape[1]}x{raw.shape[0]}, Image_size says "
-                        f"{width}x{height}",
-                        "size mismatch",
-                    )
-                key = window_hu(raw, low, high)
-                if context_slices:
-                    chans = []
-                    for offset in (-1, 1):
-                        neighbour = src.with_name(f"{slice_no + offset:03d}.png")
-                        if neighbour.is_file():
-                            data = _read_slice(neighbour, first)
-                            chans.append(
-                                window_hu(data, low, high) if data.shape == raw.shape else key
-                            )
-                        else:
-                            chans.append(key)
-                    pixels = np.stack([chans[0], key, chans[1]], axis=-1)  # [H, W, 3]
-                else:
-                    pixels = key  # [H, W]
-                write_bytes_atomic(dst, _encode_png(pixels))
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
+            key = window_hu(raw, low, high)
+            if context_slices:
+                chans = []
+                for offset in (-1, 1):
+                    neighbour = src.with_name(f"{slice_no + offset:03d}.png")
+                    if neighbour.is_file():
+                        data = _read_slice(neighbour, first)
+                        chans.append(window_hu(data, low, high) if data.shape == raw.shape else key)
+                    else:
+                        chans.append(key)
+                pixels = np.stack([chans[0], key, chans[1]], axis=-1)  # [H, W, 3]
+            else:
+                pixels = key  # [H, W]
+            write_bytes_atomic(dst, _encode_png(pixels))
         record = ImageRecord(where=first, file_name=rel, width=width, height=height)
         for lineno, row in rows:
             where = f"{csv_path}:{lineno}"
@@ -276,6 +265,6 @@ def convert_deeplesion(
             record.objects.append(
                 ObjectRecord(where=where, category_id=1, x0=x0, y0=y0, x1=x1, y1=y1)
             )
-        builder.add_record(record)
-    builder.write(Path(json_out))
-    return report
+        return record
+
+    return convert_records(builder, sorted(groups), parse, json_out, progress=progress)

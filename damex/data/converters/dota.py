@@ -19,11 +19,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from damex.data.converters.common import (
+    FLAG_POLICIES,
     BadRecord,
-    CocoBuilder,
     ConversionReport,
     FlagPolicy,
     ImageRecord,
@@ -32,8 +30,10 @@ from damex.data.converters.common import (
     OnBadSample,
     OutOfBounds,
     check_choice,
+    convert_records,
     read_image_size,
     read_text,
+    split_builder,
 )
 from damex.data.uodb import UODB_CLASSES
 
@@ -159,44 +159,37 @@ def convert_dota(
         DatasetError: bad input (the message names the label file and line, or the missing
             image).
     """
-    check_choice("difficult", difficult, ("ignore", "drop", "keep"))
+    check_choice("difficult", difficult, FLAG_POLICIES)
     label_dir, image_dir = Path(label_dir), Path(image_dir)
     classes = list(classes or UODB_CLASSES["dota"])
     class_to_id = {name: i for i, name in enumerate(classes, start=1)}
-    report = ConversionReport(dataset=dataset, split=split)
-    issues = Issues(report, on_bad_sample)
-    builder = CocoBuilder(
+    builder = split_builder(
+        dataset=dataset,
+        split=split,
         categories=list(enumerate(classes, start=1)),
-        report=report,
-        issues=issues,
+        on_bad_sample=on_bad_sample,
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from DOTA labelTxt ({label_dir})",
     )
-    label_files = sorted(label_dir.glob("*.txt"))
-    for label_path in tqdm(
-        label_files, desc=f"{dataset}/{split}", disable=not progress, leave=False
-    ):
-        try:
-            image_path = _find_image(image_dir, label_path.stem, image_exts)
-            if image_path is None:
-                raise BadRecord(
-                    str(label_path),
-                    f"image not found: {image_dir / label_path.stem}{{{','.join(image_exts)}}}",
-                    "missing image",
-                )
-            width, height = read_image_size(image_path, where=str(label_path))
-            record = parse_dota_label(
-                label_path,
-                file_name=f"{file_name_prefix}{image_path.name}",
-                width=width,
-                height=height,
-                class_to_id=class_to_id,
-                difficult=difficult,
-                issues=issues,
+
+    def parse(label_path: Path) -> ImageRecord:
+        image_path = _find_image(image_dir, label_path.stem, image_exts)
+        if image_path is None:
+            raise BadRecord(
+                str(label_path),
+                f"image not found: {image_dir / label_path.stem}{{{','.join(image_exts)}}}",
+                "missing image",
             )
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
-        builder.add_record(record)
-    builder.write(Path(json_out))
-    return report
+        width, height = read_image_size(image_path, where=str(label_path))
+        return parse_dota_label(
+            label_path,
+            file_name=f"{file_name_prefix}{image_path.name}",
+            width=width,
+            height=height,
+            class_to_id=class_to_id,
+            difficult=difficult,
+            issues=builder.issues,
+        )
+
+    label_files = sorted(label_dir.glob("*.txt"))
+    return convert_records(builder, label_files, parse, json_out, progress=progress)

@@ -20,17 +20,17 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from damex.data.converters.common import (
+    FLAG_POLICIES,
     BadRecord,
-    CocoBuilder,
     ConversionReport,
     FlagPolicy,
-    Issues,
+    ImageRecord,
     OnBadSample,
     OutOfBounds,
     check_choice,
+    convert_records,
+    split_builder,
 )
 from damex.data.converters.voc import parse_voc_xml
 from damex.data.uodb import UODB_CLASSES
@@ -86,16 +86,15 @@ def convert_kitchen(
     Raises:
         DatasetError: bad input (the message names the XML file and line), a missing scene.
     """
-    check_choice("difficult", difficult, ("ignore", "drop", "keep"))
+    check_choice("difficult", difficult, FLAG_POLICIES)
     root = Path(root)
     classes = list(classes or UODB_CLASSES["kitchen"])
     class_to_id = {name.lower(): i for i, name in enumerate(classes, start=1)}
-    report = ConversionReport(dataset=dataset, split=split)
-    issues = Issues(report, on_bad_sample)
-    builder = CocoBuilder(
+    builder = split_builder(
+        dataset=dataset,
+        split=split,
         categories=list(enumerate(classes, start=1)),
-        report=report,
-        issues=issues,
+        on_bad_sample=on_bad_sample,
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from GMU-Kitchen XML (scenes {list(scenes)})",
     )
@@ -103,27 +102,22 @@ def convert_kitchen(
     for scene in scenes:
         ann_dir = root / scene / "Annotations"
         if not ann_dir.is_dir():
-            issues.handle(
+            builder.issues.handle(
                 BadRecord(str(ann_dir), "scene annotation folder not found", "missing scene")
             )
             continue
         xml_files += [(scene, p) for p in sorted(ann_dir.glob("*.xml"), key=_natural_key)]
-    for scene, xml_path in tqdm(
-        xml_files, desc=f"{dataset}/{split}", disable=not progress, leave=False
-    ):
+
+    def parse(scene_xml: tuple[str, Path]) -> ImageRecord:
+        scene, xml_path = scene_xml
         file_name = f"{scene}/Images/{xml_path.stem}{image_ext}"
-        try:
-            record = parse_voc_xml(
-                xml_path,
-                class_to_id=class_to_id,
-                file_name=file_name,
-                issues=issues,
-                difficult=difficult,
-                image_path=root / file_name,
-            )
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
-        builder.add_record(record)
-    builder.write(Path(json_out))
-    return report
+        return parse_voc_xml(
+            xml_path,
+            class_to_id=class_to_id,
+            file_name=file_name,
+            issues=builder.issues,
+            difficult=difficult,
+            image_path=root / file_name,
+        )
+
+    return convert_records(builder, xml_files, parse, json_out, progress=progress)

@@ -24,19 +24,18 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from damex.data.converters.common import (
     BadRecord,
-    CocoBuilder,
     ConversionReport,
     ImageRecord,
     Issues,
     ObjectRecord,
     OnBadSample,
     OutOfBounds,
+    convert_records,
     read_image_size,
     read_text,
+    split_builder,
 )
 from damex.data.uodb import UODB_CLASSES
 
@@ -164,28 +163,23 @@ def convert_kitti(
         if target is not None and target not in class_to_id:
             raise ValueError(f"class_map[{kitti_type!r}] = {target!r} is not one of {classes}")
     ids = list_kitti_ids(label_dir) if image_ids is None else list(image_ids)
-    report = ConversionReport(dataset=dataset, split=split)
-    issues = Issues(report, on_bad_sample)
-    builder = CocoBuilder(
+    builder = split_builder(
+        dataset=dataset,
+        split=split,
         categories=list(enumerate(classes, start=1)),
-        report=report,
-        issues=issues,
+        on_bad_sample=on_bad_sample,
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from KITTI label_2 ({label_dir})",
     )
-    for image_id in tqdm(ids, desc=f"{dataset}/{split}", disable=not progress, leave=False):
-        try:
-            record = _parse_label_file(
-                label_dir / f"{image_id}.txt",
-                file_name=f"{file_name_prefix}{image_id}{image_ext}",
-                image_path=image_dir / f"{image_id}{image_ext}",
-                class_map=class_map,
-                class_to_id=class_to_id,
-                issues=issues,
-            )
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
-        builder.add_record(record)
-    builder.write(Path(json_out))
-    return report
+
+    def parse(image_id: str) -> ImageRecord:
+        return _parse_label_file(
+            label_dir / f"{image_id}.txt",
+            file_name=f"{file_name_prefix}{image_id}{image_ext}",
+            image_path=image_dir / f"{image_id}{image_ext}",
+            class_map=class_map,
+            class_to_id=class_to_id,
+            issues=builder.issues,
+        )
+
+    return convert_records(builder, ids, parse, json_out, progress=progress)

@@ -32,19 +32,18 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from damex.data.converters.common import (
     BadRecord,
-    CocoBuilder,
     ConversionReport,
     ImageRecord,
     Issues,
     ObjectRecord,
     OnBadSample,
     OutOfBounds,
+    convert_records,
     read_image_size,
     read_text,
+    split_builder,
 )
 from damex.data.uodb import UODB_CLASSES
 from damex.errors import DatasetError
@@ -193,29 +192,24 @@ def convert_lisa(
     csv_path, image_root = Path(csv_path), Path(image_root)
     classes = list(classes or UODB_CLASSES["lisa"])
     class_to_id = {name: i for i, name in enumerate(classes, start=1)}
-    report = ConversionReport(dataset=dataset, split=split)
-    issues = Issues(report, on_bad_sample)
-    builder = CocoBuilder(
+    builder = split_builder(
+        dataset=dataset,
+        split=split,
         categories=list(enumerate(classes, start=1)),
-        report=report,
-        issues=issues,
+        on_bad_sample=on_bad_sample,
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from {csv_path.name}",
     )
+    issues = builder.issues
     frames: dict[str, list[tuple[int, dict[str, str]]]] = {}
     for lineno, row in read_lisa_rows(csv_path, issues):
         if include is None or include(row):
             frames.setdefault(row["Filename"], []).append((lineno, row))
-    for filename in tqdm(
-        sorted(frames), desc=f"{dataset}/{split}", disable=not progress, leave=False
-    ):
+
+    def parse(filename: str) -> ImageRecord:
         rows = frames[filename]
         first = f"{csv_path}:{rows[0][0]}"
-        try:
-            width, height = read_image_size(image_root / filename, where=first)
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
+        width, height = read_image_size(image_root / filename, where=first)
         record = ImageRecord(
             where=first, file_name=f"{file_name_prefix}{filename}", width=width, height=height
         )
@@ -224,7 +218,7 @@ def convert_lisa(
             tag = row["Annotation tag"]
             target = tag_to_class(tag)
             if target is None:
-                report.skip(f"LISA tag '{tag}' not in UODB", where)
+                issues.report.skip(f"LISA tag '{tag}' not in UODB", where)
                 continue
             if target not in class_to_id:
                 raise ValueError(f"tag_to_class({tag!r}) = {target!r} is not one of {classes}")
@@ -245,6 +239,6 @@ def convert_lisa(
                     where=where, category_id=class_to_id[target], x0=x0, y0=y0, x1=x1, y1=y1
                 )
             )
-        builder.add_record(record)
-    builder.write(Path(json_out))
-    return report
+        return record
+
+    return convert_records(builder, sorted(frames), parse, json_out, progress=progress)

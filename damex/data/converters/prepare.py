@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from damex.data.converters.coco import coco2014_val_name, convert_coco, load_coco_json
 from damex.data.converters.common import (
+    FLAG_POLICIES,
     ConversionReport,
     FlagPolicy,
     OnBadSample,
@@ -135,7 +136,7 @@ class PrepareOptions:
     def __post_init__(self) -> None:
         check_choice("on_bad_sample", self.on_bad_sample, ("error", "skip"))
         check_choice("out_of_bounds", self.out_of_bounds, ("clip", "error"))
-        check_choice("difficult", self.difficult, ("ignore", "drop", "keep"))
+        check_choice("difficult", self.difficult, FLAG_POLICIES)
         check_choice("layout", self.layout, ("auto", "original", "uodb-voc"))
         for name in ("kitti_test_fraction", "lisa_test_fraction"):
             value = getattr(self, name)
@@ -346,44 +347,65 @@ def _kitti_job(
     )
 
 
-def _plan_widerface(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
-    split_dir = _require_dir(name, root / "wider_face_split", "wider_face_split folder")
+def _plan_source_folders(
+    locate: Callable[[str], tuple[Path, Path, str]],
+    convert: Callable[..., ConversionReport],
+    flag_arg: str,
+    opts: PrepareOptions,
+) -> _Plan:
+    """Train from the source split ``train``, test from ``val``, each with its image folder.
+
+    ``locate(source)`` checks and returns ``(annotations, image folder, folder name)``; the
+    image folder is linked as ``images/<folder name>``, which prefixes every ``file_name``.
+    ``flag_arg`` is the converter's name for the difficult/invalid policy.
+    """
     jobs: dict[str, _Job] = {}
     sublinks: dict[str, Path] = {}
     for split, source in (("train", "train"), ("test", "val")):
-        gt = _require_file(name, split_dir / f"wider_face_{source}_bbx_gt.txt", "annotation file")
-        folder = f"WIDER_{source}"
-        image_dir = _require_dir(name, root / folder / "images", "image folder")
+        annotations, image_dir, folder = locate(source)
         sublinks[folder] = image_dir
-
-        def job(
-            json_out: Path,
-            progress: bool,
-            *,
-            gt: Path = gt,
-            image_dir: Path = image_dir,
-            split: str = split,
-            folder: str = folder,
-        ) -> ConversionReport:
-            return convert_widerface(
-                gt,
-                image_dir,
-                json_out,
-                invalid=opts.difficult,
-                file_name_prefix=f"{folder}/",
-                split=split,
-                progress=progress,
-                **opts.common,
-            )
-
-        jobs[split] = job
+        jobs[split] = partial(
+            _source_folder_job, convert, annotations, image_dir, folder, split, flag_arg, opts
+        )
     return _Plan(jobs=jobs, image_sublinks=sublinks)
 
 
+def _source_folder_job(
+    convert: Callable[..., ConversionReport],
+    annotations: Path,
+    image_dir: Path,
+    folder: str,
+    split: str,
+    flag_arg: str,
+    opts: PrepareOptions,
+    json_out: Path,
+    progress: bool,
+) -> ConversionReport:
+    return convert(
+        annotations,
+        image_dir,
+        json_out,
+        file_name_prefix=f"{folder}/",
+        split=split,
+        progress=progress,
+        **{flag_arg: opts.difficult},
+        **opts.common,
+    )
+
+
+def _plan_widerface(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
+    split_dir = _require_dir(name, root / "wider_face_split", "wider_face_split folder")
+
+    def locate(source: str) -> tuple[Path, Path, str]:
+        gt = _require_file(name, split_dir / f"wider_face_{source}_bbx_gt.txt", "annotation file")
+        folder = f"WIDER_{source}"
+        return gt, _require_dir(name, root / folder / "images", "image folder"), folder
+
+    return _plan_source_folders(locate, convert_widerface, "invalid", opts)
+
+
 def _plan_dota(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
-    jobs: dict[str, _Job] = {}
-    sublinks: dict[str, Path] = {}
-    for split, source in (("train", "train"), ("test", "val")):
+    def locate(source: str) -> tuple[Path, Path, str]:
         base = _require_dir(name, root / source, f"{source} folder")
         label_candidates = [
             base / "labelTxt",
@@ -393,31 +415,9 @@ def _plan_dota(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Pl
         label_dir = next((c for c in label_candidates if c.is_dir()), None)
         if label_dir is None:
             raise _missing(name, label_candidates[0], "labelTxt folder")
-        image_dir = _require_dir(name, base / "images", "image folder")
-        sublinks[source] = image_dir
+        return label_dir, _require_dir(name, base / "images", "image folder"), source
 
-        def job(
-            json_out: Path,
-            progress: bool,
-            *,
-            label_dir: Path = label_dir,
-            image_dir: Path = image_dir,
-            split: str = split,
-            source: str = source,
-        ) -> ConversionReport:
-            return convert_dota(
-                label_dir,
-                image_dir,
-                json_out,
-                difficult=opts.difficult,
-                file_name_prefix=f"{source}/",
-                split=split,
-                progress=progress,
-                **opts.common,
-            )
-
-        jobs[split] = job
-    return _Plan(jobs=jobs, image_sublinks=sublinks)
+    return _plan_source_folders(locate, convert_dota, "difficult", opts)
 
 
 def _plan_lisa(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
@@ -708,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-of-bounds", choices=("clip", "error"), default="clip")
     parser.add_argument(
         "--difficult",
-        choices=("ignore", "drop", "keep"),
+        choices=FLAG_POLICIES,
         default="ignore",
         help="VOC/DOTA difficult objects and WIDER invalid faces",
     )

@@ -29,11 +29,9 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from damex.data.converters.common import (
+    FLAG_POLICIES,
     BadRecord,
-    CocoBuilder,
     ConversionReport,
     FlagPolicy,
     ImageRecord,
@@ -42,9 +40,11 @@ from damex.data.converters.common import (
     OnBadSample,
     OutOfBounds,
     check_choice,
+    convert_records,
     parse_xml,
     read_image_size,
     read_text,
+    split_builder,
 )
 from damex.errors import DatasetError
 
@@ -234,41 +234,36 @@ def convert_voc(
         DatasetError: bad input with ``on_bad_sample="error"`` (the message names the file and
             the line of the ``<object>``), a missing image set file.
     """
-    check_choice("difficult", difficult, ("ignore", "drop", "keep"))
+    check_choice("difficult", difficult, FLAG_POLICIES)
     voc_root = Path(voc_root)
     if isinstance(image_set, str):
         ids = read_image_set(voc_root / "ImageSets" / "Main" / f"{image_set}.txt")
     else:
         ids = list(image_set)
-    report = ConversionReport(dataset=dataset, split=split)
-    issues = Issues(report, on_bad_sample)
-    class_to_id = {name.lower(): i for i, name in enumerate(classes, start=1)}
-    builder = CocoBuilder(
+    builder = split_builder(
+        dataset=dataset,
+        split=split,
         categories=list(enumerate(classes, start=1)),
-        report=report,
-        issues=issues,
+        on_bad_sample=on_bad_sample,
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from VOC XML ({voc_root})",
     )
-    for image_id in tqdm(ids, desc=f"{dataset}/{split}", disable=not progress, leave=False):
+    class_to_id = {name.lower(): i for i, name in enumerate(classes, start=1)}
+
+    def parse(image_id: str) -> ImageRecord:
         file_name = file_name_fn(image_id) if file_name_fn else f"{image_id}{image_ext}"
         xml_path = voc_root / "Annotations" / f"{image_id}.xml"
-        try:
-            if not xml_path.is_file():
-                raise BadRecord(str(xml_path), "annotation file not found", "missing file")
-            record = parse_voc_xml(
-                xml_path,
-                class_to_id=class_to_id,
-                file_name=file_name,
-                issues=issues,
-                aliases=aliases,
-                difficult=difficult,
-                image_path=voc_root / "JPEGImages" / file_name,
-                one_based=one_based,
-            )
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
-        builder.add_record(record)
-    builder.write(Path(json_out))
-    return report
+        if not xml_path.is_file():
+            raise BadRecord(str(xml_path), "annotation file not found", "missing file")
+        return parse_voc_xml(
+            xml_path,
+            class_to_id=class_to_id,
+            file_name=file_name,
+            issues=builder.issues,
+            aliases=aliases,
+            difficult=difficult,
+            image_path=voc_root / "JPEGImages" / file_name,
+            one_based=one_based,
+        )
+
+    return convert_records(builder, ids, parse, json_out, progress=progress)

@@ -22,11 +22,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from damex.data.converters.common import (
+    FLAG_POLICIES,
     BadRecord,
-    CocoBuilder,
     ConversionReport,
     FlagPolicy,
     ImageRecord,
@@ -35,8 +33,10 @@ from damex.data.converters.common import (
     OnBadSample,
     OutOfBounds,
     check_choice,
+    convert_records,
     read_image_size,
     read_text,
+    split_builder,
 )
 from damex.data.uodb import UODB_CLASSES
 from damex.errors import DatasetError
@@ -195,35 +195,31 @@ def convert_widerface(
     Raises:
         DatasetError: bad input (message names the file and line; a missing image names it).
     """
-    check_choice("invalid", invalid, ("ignore", "drop", "keep"))
+    check_choice("invalid", invalid, FLAG_POLICIES)
     gt_txt, image_dir = Path(gt_txt), Path(image_dir)
     classes = list(classes or UODB_CLASSES["widerface"])
     if len(classes) != 1:
         raise ValueError(f"WIDER FACE has one class, got classes={classes}")
-    report = ConversionReport(dataset=dataset, split=split)
-    issues = Issues(report, on_bad_sample)
-    builder = CocoBuilder(
+    builder = split_builder(
+        dataset=dataset,
+        split=split,
         categories=[(1, classes[0])],
-        report=report,
-        issues=issues,
+        on_bad_sample=on_bad_sample,
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from {gt_txt.name}",
     )
-    records = list(iter_wider_records(gt_txt, issues))
-    for rec in tqdm(records, desc=f"{dataset}/{split}", disable=not progress, leave=False):
+    records = list(iter_wider_records(gt_txt, builder.issues))
+
+    def parse(rec: WiderRecord) -> ImageRecord:
         where = f"{gt_txt}:{rec.line}"
-        try:
-            width, height = read_image_size(image_dir / rec.path, where=where)
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
+        width, height = read_image_size(image_dir / rec.path, where=where)
         record = ImageRecord(
             where=where, file_name=f"{file_name_prefix}{rec.path}", width=width, height=height
         )
         for face in rec.faces:
             fwhere = f"{gt_txt}:{face.line}"
             if face.invalid and invalid == "drop":
-                report.skip("invalid face dropped", fwhere)
+                builder.report.skip("invalid face dropped", fwhere)
                 continue
             record.objects.append(
                 ObjectRecord(
@@ -236,6 +232,6 @@ def convert_widerface(
                     iscrowd=int(face.invalid and invalid == "ignore"),
                 )
             )
-        builder.add_record(record)
-    builder.write(Path(json_out))
-    return report
+        return record
+
+    return convert_records(builder, records, parse, json_out, progress=progress)
