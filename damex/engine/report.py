@@ -214,7 +214,7 @@ def run_demo(
     checkpoint: str | os.PathLike[str],
     input_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    score_threshold: float = 0.3,
+    score_threshold: float = 0.15,
 ) -> list[Path]:
     """Detect objects in an image or a folder of images and save annotated PNGs.
 

@@ -252,7 +252,7 @@ def draw_expert_overlay(
     *,
     num_experts: int,
     class_names: Sequence[str] | None = None,
-    score_threshold: float = 0.3,
+    score_threshold: float = 0.15,
     legend: bool = True,
     width: int = 2,
     font_size: int = 12,
