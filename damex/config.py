@@ -90,7 +90,6 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # ordered dataset names for training
     test: list[str] = field(default_factory=list)  # evaluation datasets (default: train)
     train_split: str = "train"
-    val_split: str = "val"
     test_split: str = "test"
     datasets: dict[str, DatasetEntry] = field(default_factory=dict)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -545,6 +544,13 @@ def _validate(cfg: Config, source: str) -> None:
     for i, kind in enumerate(cfg.model.decoder_ffn):
         if kind not in ("dense", "moe"):
             fail(f"model.decoder_ffn[{i}]", f"must be 'dense' or 'moe', got '{kind}'")
+    if cfg.moe.expert_parallel:
+        fail(
+            "moe.expert_parallel",
+            "is not supported by the trainer yet: damex.moe.parallel provides the rank-local "
+            "expert layer, but the detector and checkpoints hold every expert on every rank; "
+            "set moe.expert_parallel=false",
+        )
     if cfg.moe.top_k > cfg.moe.num_experts:
         fail("moe.top_k", f"({cfg.moe.top_k}) must be <= moe.num_experts ({cfg.moe.num_experts})")
     if not cfg.data.train:

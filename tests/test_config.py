@@ -39,8 +39,11 @@ def test_base_inheritance_and_overrides(tmp_path: Path) -> None:
 
 def test_misspelt_key_names_it_and_suggests(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.yaml", "data:\n  train: [a]\nmodel:\n  dec_layer: 3\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'model\.dec_layer'; did you mean "
-                       r"'model\.dec_layers'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"c\.yaml: unknown key 'model\.dec_layer'; did you mean "
+        r"'model\.dec_layers'\?",
+    ):
         load_config(path)
 
 
@@ -62,8 +65,11 @@ def test_out_of_range_and_choices(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.yaml", "data:\n  train: [a]\n")
     with pytest.raises(ConfigError, match=r"'moe\.drop_path' must be in \[0, 1\), got 1\.5"):
         load_config(path, ["moe.drop_path=1.5"])
-    with pytest.raises(ConfigError, match=r"'data\.sampler' must be one of .* got 'unifrom' "
-                       r"\(did you mean 'uniform'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'data\.sampler' must be one of .* got 'unifrom' "
+        r"\(did you mean 'uniform'\?\)",
+    ):
         load_config(path, ["data.sampler=unifrom"])
     with pytest.raises(ConfigError, match=r"'train\.batch_size' must be > 0, got 0"):
         load_config(path, ["train.batch_size=0"])
@@ -149,3 +155,11 @@ def test_every_shipped_config_builds_its_model() -> None:
         moe_layers = sum(kind == "moe" for kind in cfg.model.decoder_ffn)
         experts = [m for n, m in model.named_modules() if n.endswith("experts")]
         assert len(experts) == moe_layers, path
+
+
+def test_expert_parallel_is_refused_until_the_trainer_supports_it(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.yaml", "data:\n  train: [a]\n")
+    with pytest.raises(
+        ConfigError, match=r"'moe\.expert_parallel' is not supported by the trainer"
+    ):
+        load_config(path, ["moe.expert_parallel=true"])

@@ -317,6 +317,13 @@ class LRScheduler:
             raise ValueError(
                 f"scheduler state has {len(base)} param groups, optimizer has {len(self.base_lrs)}"
             )
+        if any(abs(b - c) > 1e-12 * max(abs(c), 1e-30) for b, c in zip(base, self.base_lrs)):
+            logger.warning(
+                "scheduler: resuming with the checkpoint's learning rates %s; the config's %s "
+                "are ignored (exact resume)",
+                base,
+                self.base_lrs,
+            )
         self.base_lrs = base
         self.iteration = int(state["iteration"])
         self.elapsed_s = float(state.get("elapsed_s", 0.0))

@@ -454,18 +454,6 @@ class _Trainer:
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if self.cfg.moe.expert_parallel:
-            from damex.moe.parallel import expert_parameter_names
-
-            if expert_parameter_names(model):
-                raise ConfigError(
-                    "moe.expert_parallel: the engine cannot train rank-local experts yet "
-                    "(per-rank optimizer state and checkpoints); set moe.expert_parallel=false"
-                )
-            logger.warning(
-                "moe.expert_parallel=true but the model has no expert-parallel layer: every "
-                "rank holds all experts and DDP averages their gradients"
-            )
         # MoE experts without tokens, the DN label table without GT, etc. get no gradient
         kwargs: dict[str, Any] = {"find_unused_parameters": True}
         if self.device.type == "cuda":

@@ -515,6 +515,9 @@ def encoder_proposals(
         start += h * w
     props = torch.cat(proposals, 1)  # [B, S, 4]
     valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~memory_padding_mask
+    # padded locations have cx, cy > 1 (a NaN logit): give them a finite anchor, since top-k
+    # still picks them when an image has fewer valid locations than queries (DINO uses inf)
+    props = props.masked_fill(~valid[..., None], 0.5)
     return torch.log(props / (1 - props)), valid
 
 

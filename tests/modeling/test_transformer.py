@@ -252,3 +252,16 @@ def test_tags_layout_with_o2m():
     assert info.token_kind.tolist() == [int(k) for k in row] * 2
     assert info.token_query.tolist() == [0, 1, 2, -1, -1] * 2
     assert info.token_image.tolist() == [0] * 5 + [1] * 5
+
+
+def test_encoder_proposals_are_finite_at_padded_locations():
+    """Top-k may pick padded locations when an image has fewer valid ones than queries."""
+    from damex.modeling.transformer import encoder_proposals
+
+    mask = torch.zeros(2, 4, 6, dtype=torch.bool)
+    mask[1, :, 3:] = True  # image 1: half of the columns are padding
+    proposals, valid = encoder_proposals(mask.flatten(1), [(4, 6)])
+    assert torch.isfinite(proposals).all()
+    assert (
+        valid[0].all() and valid[1].view(4, 6)[:, :3].all() and not valid[1].view(4, 6)[:, 3:].any()
+    )
