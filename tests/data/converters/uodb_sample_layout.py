@@ -9,13 +9,29 @@ documented formats and say so.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-SAMPLES = Path("/work/shared/samples")
+
+def _find_samples() -> Path:
+    """The real sample files: $DAMEX_SAMPLES, else shared/samples beside the checkout."""
+    repo = Path(__file__).resolve().parents[3]
+    candidates = [os.environ.get("DAMEX_SAMPLES"), repo.parent / "shared" / "samples"]
+    candidates.append("/work/shared/samples")
+    for cand in candidates:
+        if cand and (Path(cand) / "README.md").is_file():
+            return Path(cand)
+    raise FileNotFoundError(
+        f"the real dataset samples were not found (tried {candidates}); set DAMEX_SAMPLES to "
+        "the shared/samples folder"
+    )
+
+
+SAMPLES = _find_samples()
 
 # DeepLesion: the stored value at (y, x) = (10, 20) of every written slice is HU 0 + 32768,
 # and at (11, 20) HU -85; the slices are otherwise HU -1000 (air).
