@@ -171,6 +171,20 @@ def _wrap_error(ds: CocoDetection, k: int, what: str, e: Exception) -> DatasetEr
     return DatasetError(f"{ds.ann_file}: {where}: {what} failed: {type(e).__name__}: {e}")
 
 
+def _load(ds: CocoDetection, k: int) -> tuple[Sample, bool]:
+    """Image ``k`` of ``ds`` and whether CocoDetection substituted another one (skip mode).
+
+    Errors other than ``DatasetError`` are re-raised naming the dataset file and the image.
+    """
+    try:
+        sample = ds[k]
+    except DatasetError:
+        raise
+    except Exception as e:
+        raise _wrap_error(ds, k, "loading", e) from e
+    return sample, sample.image_id != ds.image_info(k).image_id
+
+
 # ---------------------------------------------------------------------------------- datasets
 class TrainDataset(Dataset):
     """Concatenation of training datasets addressed by ``(global index, augmentation seed)``.
@@ -219,13 +233,8 @@ class TrainDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         d, k = self.locate(int(index))
         ds = self.datasets[d]
-        try:
-            sample = ds[k]
-        except DatasetError:
-            raise
-        except Exception as e:
-            raise _wrap_error(ds, k, "loading", e) from e
-        if sample.image_id != ds.image_info(k).image_id:  # CocoDetection substituted (skip mode)
+        sample, substituted = _load(ds, k)
+        if substituted:  # skip mode: counted, the substitute keeps the batch's size and dataset
             self.counter.add(d)
         rng = np.random.default_rng(seed)
         try:
@@ -258,13 +267,8 @@ class EvalDataset(Dataset):
     def __getitem__(self, i: int) -> Sample | None:
         k = self.indices[i]
         ds = self.dataset
-        try:
-            sample = ds[k]
-        except DatasetError:
-            raise
-        except Exception as e:
-            raise _wrap_error(ds, k, "loading", e) from e
-        if sample.image_id != ds.image_info(k).image_id:
+        sample, substituted = _load(ds, k)
+        if substituted:
             self.counter.add(0)
             return None
         try:
