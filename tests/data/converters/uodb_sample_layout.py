@@ -1,4 +1,4 @@
-"""Builds an ORIGINALS_DIR in a temp folder from the real sample files in shared/samples.
+"""Builds an ORIGINALS_DIR in a temp folder from the real sample files in tests/fixtures/samples.
 
 Sample annotation files are copied byte for byte. Where the samples lack the images, small
 placeholder images of the documented size are written with PIL (only their headers are read
@@ -9,29 +9,14 @@ documented formats and say so.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-
-def _find_samples() -> Path:
-    """The real sample files: $DAMEX_SAMPLES, else shared/samples beside the checkout."""
-    repo = Path(__file__).resolve().parents[3]
-    candidates = [os.environ.get("DAMEX_SAMPLES"), repo.parent / "shared" / "samples"]
-    candidates.append("/work/shared/samples")
-    for cand in candidates:
-        if cand and (Path(cand) / "README.md").is_file():
-            return Path(cand)
-    raise FileNotFoundError(
-        f"the real dataset samples were not found (tried {candidates}); set DAMEX_SAMPLES to "
-        "the shared/samples folder"
-    )
-
-
-SAMPLES = _find_samples()
+# The real sample files, kept in the repository (provenance: tests/fixtures/samples/README.md).
+SAMPLES = Path(__file__).resolve().parents[2] / "fixtures" / "samples"
 
 # DeepLesion: the stored value at (y, x) = (10, 20) of every written slice is HU 0 + 32768,
 # and at (11, 20) HU -85; the slices are otherwise HU -1000 (air).
