@@ -19,6 +19,19 @@ Definitions (per layer, per dataset ``d`` with ``n_d`` counted tokens):
 - expert load ``[e]`` = share of all tokens whose top-1 expert is ``e`` (top-1 only, like the
   share matrix; ``RoutingStats.expert_load`` counts all ``k`` choices).
 
+Order-independent metrics (``damex.moe.stats``), for every MoE model, DAMEX and vanilla alike:
+a vanilla router never sees the configured map, so its ``accuracy`` says nothing about
+specialisation; these do not change when the experts are renumbered:
+
+- best accuracy = the accuracy under the best dataset -> expert assignment, each expert serving
+  at most ``ceil(D/E)`` datasets (a one-to-one Hungarian matching when ``D <= E``); a uniform
+  router scores ``1/E``, a perfectly specialised one 100 % in any expert order;
+- NMI = normalized mutual information between dataset and top-1 expert (0 = independent,
+  1 = each expert serves exactly one dataset);
+- routing entropy ``[d]`` = entropy (nats) of dataset ``d``'s top-1 expert distribution (0 = one
+  expert, ``log E`` = spread evenly);
+- active experts = experts receiving at least 1 % of all tokens (fewer = collapse).
+
 Layer means over datasets are unweighted (each dataset counts once, as in the AP mean).
 """
 
@@ -30,6 +43,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from damex.moe.stats import order_free_routing
 
 if TYPE_CHECKING:
     from damex.moe.stats import RoutingStats
@@ -144,7 +159,9 @@ def summarize_layers(
         ``{"datasets", "num_experts", "expert_map", "layers": [{"name", "tokens" [D],
         "counts" [D][E], "share" [D][E], "accuracy" [D] | None, "mean_accuracy",
         "drop_rate" [D] | None, "mean_drop_rate", "entropy" [D] | None, "mean_entropy",
-        "expert_load" [E]}], "mean_accuracy", "max_entropy"}``; undefined values are None.
+        "expert_load" [E], "best_accuracy", "best_assignment" [D], "nmi", "routing_entropy" [D],
+        "mean_routing_entropy", "active_experts"}], "mean_accuracy", "mean_best_accuracy",
+        "mean_nmi", "max_entropy"}``; undefined values are None.
     """
     num_ds = len(dataset_names)
     if not layers:
@@ -169,6 +186,7 @@ def summarize_layers(
         assigned = tokens if layer.assigned is None else np.asarray(layer.assigned, np.float64)
         drop = _per_dataset(layer.dropped, assigned.reshape(-1), "dropped", num_ds)
         ent = _per_dataset(layer.entropy_sum, tokens, "entropy_sum", num_ds)
+        free = order_free_routing(counts)
         out_layers.append(
             {
                 "name": layer.name,
@@ -182,6 +200,12 @@ def summarize_layers(
                 "entropy": ent,
                 "mean_entropy": _mean(ent) if ent is not None else None,
                 "expert_load": (counts.sum(0) / total if total > 0 else counts.sum(0)).tolist(),
+                "best_accuracy": free.best_accuracy,
+                "best_assignment": free.best_assignment,
+                "nmi": free.nmi,
+                "routing_entropy": free.routing_entropy,
+                "mean_routing_entropy": free.mean_routing_entropy,
+                "active_experts": free.active_experts,
             }
         )
     return {
@@ -190,6 +214,8 @@ def summarize_layers(
         "expert_map": {n: emap[n] for n in dataset_names if n in emap},
         "layers": out_layers,
         "mean_accuracy": _mean([layer["mean_accuracy"] for layer in out_layers]),
+        "mean_best_accuracy": _mean([layer["best_accuracy"] for layer in out_layers]),
+        "mean_nmi": _mean([layer["nmi"] for layer in out_layers]),
         "max_entropy": math.log(num_experts),
     }
 
@@ -257,15 +283,27 @@ def routing_markdown(summary: Mapping[str, Any]) -> str:
     emap = dict(summary.get("expert_map") or {})
     num_experts = int(summary["num_experts"])
     lines = [
-        "| layer | mean accuracy % | mean drop % | mean entropy (nats) |",
-        "|---|---|---|---|",
+        "| layer | map accuracy % | best-assignment accuracy % | NMI | routing entropy (nats) "
+        "| active experts | mean drop % | mean router entropy (nats) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for layer in summary["layers"]:
         ent = layer.get("mean_entropy")
+        nmi = layer.get("nmi")
+        rent = layer.get("mean_routing_entropy")
+        active = layer.get("active_experts")
         lines.append(
             f"| {layer['name']} | {_pct(layer.get('mean_accuracy'))} | "
+            f"{_pct(layer.get('best_accuracy'))} | {'-' if nmi is None else f'{nmi:.3f}'} | "
+            f"{'-' if rent is None else f'{rent:.3f}'} | "
+            f"{'-' if active is None else f'{active}/{num_experts}'} | "
             f"{_pct(layer.get('mean_drop_rate'))} | {'-' if ent is None else f'{ent:.3f}'} |"
         )
+    lines.append(
+        "\nmap accuracy: tokens routed to the configured expert of their dataset (meaningful for "
+        "DAMEX only); best-assignment accuracy, NMI, routing entropy and active experts (>= 1 % "
+        "of tokens) do not depend on the experts' order."
+    )
     lines.append(f"\nmax entropy log E = {math.log(num_experts):.3f} nats\n")
     experts = [f"E{e}" for e in range(num_experts)]
     for layer in summary["layers"]:

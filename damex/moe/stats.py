@@ -6,19 +6,202 @@ all-reducing across processes is exact and order independent.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from damex.moe.types import RoutingInfo
 
-__all__ = ["RoutingStats"]
+__all__ = [
+    "RoutingStats",
+    "OrderFreeRouting",
+    "order_free_routing",
+    "best_assignment",
+    "dataset_expert_nmi",
+    "routing_entropy",
+    "active_experts",
+]
 
 _COUNT_FIELDS = ("tokens", "top1", "assigned", "dropped", "correct")
 _FLOAT_FIELDS = ("entropy_sum",)
+
+
+# ---------------------------------------------------------------------- order-free metrics
+# All of these read a datasets x experts top-1 count matrix and do not change when the experts
+# are renumbered (a column permutation), so they score a vanilla router that never saw the
+# configured map as fairly as DAMEX. Datasets without a counted token are left out; every
+# dataset that has tokens weighs the same (like the per-dataset AP mean), whatever its size.
+
+
+def _active_rows(counts: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 2:
+        raise ValueError(f"counts must be a [D, E] matrix, got shape {tuple(c.shape)}")
+    if (c < 0).any() or not np.isfinite(c).all():
+        raise ValueError("counts must be finite and non-negative")
+    return c
+
+
+def _shares(c: np.ndarray) -> np.ndarray:
+    """Row-normalized ``[D', E]`` shares of the datasets that have tokens."""
+    rows = c[c.sum(1) > 0]
+    return rows / rows.sum(1, keepdims=True)
+
+
+def best_assignment(
+    counts: np.ndarray | Sequence[Sequence[float]], max_datasets_per_expert: int | None = None
+) -> tuple[float | None, list[int | None]]:
+    """Routing accuracy under the best dataset -> expert assignment (order independent).
+
+    Each dataset is assigned one expert and each expert serves at most
+    ``m = max_datasets_per_expert`` datasets (default ``ceil(D / E)`` over the ``D`` datasets
+    with tokens). With ``D <= E`` that is a one-to-one matching (best permutation); with more
+    datasets than experts it is the best many-to-one assignment with balanced sharing. The cap
+    matters: without it every dataset would take its argmax expert and a router that sends
+    everything to one expert would score 100 %. Solved exactly as a linear assignment
+    (Hungarian, ``scipy.optimize.linear_sum_assignment``) against ``m`` copies of every expert.
+
+    Args:
+        counts: ``[D, E]`` top-1 counts (or shares).
+        max_datasets_per_expert: the cap ``m`` (>= 1); None = ``ceil(D / E)``.
+
+    Returns:
+        ``(accuracy, assignment)``: accuracy = mean over datasets with tokens of the share of
+        their tokens routed to their assigned expert (a uniform router scores ``1/E``, a
+        perfectly specialised one 1.0 in any expert order); assignment = ``D`` expert ids (None
+        for a dataset without tokens). Accuracy is None when no dataset has tokens.
+    """
+    c = _active_rows(counts)
+    num_ds, num_experts = c.shape
+    has = c.sum(1) > 0
+    assignment: list[int | None] = [None] * num_ds
+    if not has.any() or num_experts == 0:
+        return None, assignment
+    share = _shares(c)  # [D', E]
+    m = max_datasets_per_expert or math.ceil(share.shape[0] / num_experts)
+    if m < 1 or m * num_experts < share.shape[0]:
+        raise ValueError(
+            f"max_datasets_per_expert={m} cannot place {share.shape[0]} datasets on "
+            f"{num_experts} experts"
+        )
+    slots = np.repeat(share, m, axis=1)  # [D', E*m], column j is a slot of expert j // m
+    rows, cols = linear_sum_assignment(slots, maximize=True)
+    idx = np.flatnonzero(has)
+    for r, col in zip(rows, cols):
+        assignment[int(idx[r])] = int(col // m)
+    return float(slots[rows, cols].sum() / share.shape[0]), assignment
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def dataset_expert_nmi(counts: np.ndarray | Sequence[Sequence[float]]) -> float | None:
+    """Normalized mutual information between the dataset and the top-1 expert.
+
+    The joint distribution weighs every dataset with tokens equally: ``P(d, e) = share[d, e] /
+    D'``. ``NMI = I(dataset; expert) / mean(H(dataset), H(expert))`` (the arithmetic-mean
+    normalization, scikit-learn's default). 0 when the expert is independent of the dataset
+    (including a collapsed router), 1 when the datasets use disjoint experts and every expert
+    serves one dataset (a permuted diagonal). With more datasets than experts the maximum is
+    ``2 log E / (log D + log E) < 1``.
+
+    Returns:
+        NMI in [0, 1]; None without tokens; 0 when both entropies are 0 (one dataset, one
+        expert: nothing to tell apart).
+    """
+    c = _active_rows(counts)
+    if not (c.sum(1) > 0).any():
+        return None
+    share = _shares(c)  # [D', E]
+    joint = share / share.shape[0]  # [D', E], sums to 1
+    p_d = joint.sum(1)
+    p_e = joint.sum(0)
+    h_d, h_e = _entropy(p_d), _entropy(p_e)
+    if h_d + h_e == 0:
+        return 0.0
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(p_d, p_e)[nz])).sum())
+    return float(min(max(mi / (0.5 * (h_d + h_e)), 0.0), 1.0))
+
+
+def routing_entropy(counts: np.ndarray | Sequence[Sequence[float]]) -> list[float | None]:
+    """Per dataset, the entropy (nats) of its top-1 expert distribution.
+
+    0 = every token of the dataset goes to one expert; ``log E`` = spread evenly. Not the mean
+    router softmax entropy (``RoutingStats.mean_entropy``), which measures per-token confidence.
+
+    Returns:
+        ``D`` entropies; None for a dataset without tokens.
+    """
+    c = _active_rows(counts)
+    return [_entropy(row / row.sum()) if row.sum() > 0 else None for row in c]
+
+
+def active_experts(counts: np.ndarray | Sequence[Sequence[float]], min_share: float = 0.01) -> int:
+    """Number of experts receiving at least ``min_share`` of all counted tokens (collapse check).
+
+    The load is token-weighted (the share of all tokens, as ``expert_load`` in the routing
+    summary), unlike the per-dataset metrics above.
+    """
+    c = _active_rows(counts)
+    total = c.sum()
+    if total <= 0:
+        return 0
+    return int((c.sum(0) / total >= min_share).sum())
+
+
+@dataclass(frozen=True)
+class OrderFreeRouting:
+    """Order-independent routing metrics of one MoE layer (see :func:`order_free_routing`).
+
+    Attributes:
+        best_accuracy: :func:`best_assignment` accuracy (None without tokens).
+        best_assignment: the assignment achieving it (``D`` expert ids, None without tokens).
+        nmi: :func:`dataset_expert_nmi`.
+        routing_entropy: ``D`` entropies (nats) of each dataset's top-1 expert distribution.
+        mean_routing_entropy: their mean over datasets with tokens.
+        expert_load: ``E`` shares of all counted tokens (token-weighted).
+        active_experts: experts with at least 1 % of the tokens.
+    """
+
+    best_accuracy: float | None
+    best_assignment: list[int | None]
+    nmi: float | None
+    routing_entropy: list[float | None]
+    mean_routing_entropy: float | None
+    expert_load: list[float]
+    active_experts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def order_free_routing(counts: np.ndarray | Sequence[Sequence[float]]) -> OrderFreeRouting:
+    """All order-independent metrics of a ``[D, E]`` top-1 count matrix."""
+    c = _active_rows(counts)
+    acc, assign = best_assignment(c)
+    ent = routing_entropy(c)
+    vals = [e for e in ent if e is not None]
+    total = c.sum()
+    load = c.sum(0) / total if total > 0 else np.zeros(c.shape[1])
+    return OrderFreeRouting(
+        best_accuracy=acc,
+        best_assignment=assign,
+        nmi=dataset_expert_nmi(c),
+        routing_entropy=ent,
+        mean_routing_entropy=float(np.mean(vals)) if vals else None,
+        expert_load=[float(v) for v in load],
+        active_experts=active_experts(c),
+    )
 
 
 class RoutingStats:
@@ -190,11 +373,17 @@ class RoutingStats:
             return None
         return self.correct.double() / self.tokens.clamp_min(1).double()
 
+    def order_free(self) -> list[OrderFreeRouting]:
+        """Per layer, the order-independent metrics of the top-1 counts."""
+        return [order_free_routing(self.top1[i].numpy()) for i in range(self.num_layers)]
+
     def summary(self) -> dict[str, Any]:
-        """JSON-able derived numbers (fractions, load, drop rate, entropy, accuracy)."""
+        """JSON-able derived numbers (fractions, load, drop rate, entropy, accuracy, and the
+        order-independent metrics per layer)."""
         acc = self.accuracy()
         acc_d = self.accuracy_per_dataset()
         return {
+            "order_free": [m.to_dict() for m in self.order_free()],
             "fractions": self.fractions().tolist(),
             "expert_load": self.expert_load().tolist(),
             "drop_rate": self.drop_rate().tolist(),

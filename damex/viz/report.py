@@ -102,10 +102,14 @@ def _routing_section(summary: Mapping[str, Any]) -> str:
     overview = []
     for layer in summary["layers"]:
         ent = layer.get("mean_entropy")
+        nmi = layer.get("nmi")
         overview.append(
             [
                 layer["name"],
                 _pct(layer.get("mean_accuracy")),
+                _pct(layer.get("best_accuracy")),
+                "-" if nmi is None else f"{nmi:.3f}",
+                f"{layer.get('active_experts', '-')}/{num_experts}",
                 _pct(layer.get("mean_drop_rate")),
                 "-" if ent is None else f"{ent:.3f}",
                 str(sum(layer["tokens"])),
@@ -113,12 +117,25 @@ def _routing_section(summary: Mapping[str, Any]) -> str:
         )
     parts.append(
         _table(
-            ["layer", "mean accuracy %", "mean drop %", "mean entropy (nats)", "tokens"], overview
+            [
+                "layer",
+                "map accuracy %",
+                "best-assignment accuracy %",
+                "NMI",
+                "active experts",
+                "mean drop %",
+                "mean entropy (nats)",
+                "tokens",
+            ],
+            overview,
         )
     )
     parts.append(
         f'<p class="note">accuracy = share of a dataset\'s tokens whose top-1 expert is its '
-        f"mapped expert; entropy max = log E = {math.log(num_experts):.3f} nats.</p>"
+        f"mapped expert; best-assignment accuracy (each expert serving at most ceil(D/E) "
+        f"datasets), NMI (dataset vs expert) and active experts (>= 1 % of the tokens) do not "
+        f"depend on the experts' order; entropy max = log E = {math.log(num_experts):.3f} "
+        f"nats.</p>"
     )
     header = ["dataset"] + [f"E{e}" for e in range(num_experts)]
     header += ["tokens", "accuracy %", "drop %", "entropy"]

@@ -109,3 +109,21 @@ def test_routing_summary_from_routing_stats_matches_hand_count() -> None:
     again = routing_summary(stats.to_dict(), dataset_names=["a", "b"], expert_map={"a": 1})
     assert again["layers"][0]["accuracy"] == pytest.approx([0.25, None])
     assert again["layers"][0]["name"] == "moe.0"
+
+
+def test_order_free_metrics_in_summary_and_markdown_ignore_expert_order() -> None:
+    counts = np.array([[0, 9, 1], [8, 1, 1], [1, 0, 9]])
+    layer = LayerRouting("decoder.0", counts)
+    s = summarize_layers([layer], dataset_names=NAMES, expert_map={"coco": 0, "voc07": 1})
+    renumbered = summarize_layers(
+        [LayerRouting("decoder.0", counts[:, [2, 0, 1]])], dataset_names=NAMES
+    )
+    l0, r0 = s["layers"][0], renumbered["layers"][0]
+    assert l0["mean_accuracy"] == pytest.approx((0 + 0.1) / 2)  # the map is wrong
+    assert l0["best_accuracy"] == pytest.approx((0.9 + 0.8 + 0.9) / 3)
+    assert l0["best_assignment"] == [1, 0, 2]
+    for key in ("best_accuracy", "nmi", "mean_routing_entropy", "active_experts"):
+        assert l0[key] == pytest.approx(r0[key]), key
+    assert s["mean_best_accuracy"] == pytest.approx(l0["best_accuracy"])
+    md = routing_markdown(s)
+    assert "best-assignment accuracy %" in md and "| 86.7 |" in md
