@@ -27,6 +27,7 @@ from damex.data.converters.common import (
     ConversionReport,
     OnBadSample,
     OutOfBounds,
+    check_not_empty,
     progress_bar,
     read_text,
     split_builder,
@@ -101,6 +102,7 @@ def convert_coco(
     on_bad_sample: OnBadSample = "error",
     out_of_bounds: OutOfBounds = "clip",
     progress: bool = False,
+    allow_empty: bool = False,
 ) -> ConversionReport:
     """Copy a COCO instances JSON, keeping every native id.
 
@@ -116,6 +118,7 @@ def convert_coco(
         on_bad_sample: ``"error"`` | ``"skip"``.
         out_of_bounds: ``"clip"`` | ``"error"``.
         progress: show a tqdm bar.
+        allow_empty: write a split without images instead of raising ``DatasetError``.
 
     Returns:
         The split's counts.
@@ -203,5 +206,6 @@ def convert_coco(
             if keep_segmentation and "segmentation" in ann:
                 builder.annotations[-1]["segmentation"] = ann["segmentation"]
     report.empty_images = len(sizes) - len(with_boxes)
+    check_not_empty(report, str(json_in), len(data["images"]), allow_empty=allow_empty)
     builder.write(Path(json_out))
     return report

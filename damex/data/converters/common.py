@@ -10,7 +10,8 @@ default) with a message that starts with the place (``file:line``, ``file <objec
 ``file row N``), or is skipped and counted under its reason (``on_bad_sample="skip"``).
 Zero-area boxes are always skipped and counted (never an error); boxes that leave the image
 are clipped and counted (``out_of_bounds="clip"``) or treated as bad input
-(``out_of_bounds="error"``). Nothing is ever half-written: files go to a temporary file in
+(``out_of_bounds="error"``). A split without any image is an error unless ``allow_empty``
+(:func:`check_not_empty`). Nothing is ever half-written: files go to a temporary file in
 the destination folder and are moved into place with :func:`os.replace`.
 """
 
@@ -50,6 +51,7 @@ __all__ = [
     "split_builder",
     "progress_bar",
     "convert_records",
+    "check_not_empty",
     "XmlNode",
     "parse_xml",
     "read_image_size",
@@ -451,6 +453,8 @@ def convert_records(
     json_out: Path,
     *,
     progress: bool,
+    source: str = "",
+    allow_empty: bool = False,
 ) -> ConversionReport:
     """Parse every item into an image record, add it, and write the JSON.
 
@@ -462,10 +466,18 @@ def convert_records(
         parse: item -> its image and boxes.
         json_out: the COCO JSON to write.
         progress: show a tqdm bar.
+        source: the annotation file or folder read (named when the split is empty).
+        allow_empty: write a split without images instead of raising (see
+            :func:`check_not_empty`).
+
+    Raises:
+        DatasetError: bad input with ``on_bad_sample="error"``, or no image at all (unless
+            ``allow_empty``); nothing is written then.
 
     Returns:
         ``builder.report``.
     """
+    items = list(items)
     for item in progress_bar(items, builder.report, progress):
         try:
             record = parse(item)
@@ -473,8 +485,36 @@ def convert_records(
             builder.issues.handle(bad)
             continue
         builder.add_record(record)
+    check_not_empty(builder.report, source, len(items), allow_empty=allow_empty)
     builder.write(Path(json_out))
     return builder.report
+
+
+def check_not_empty(
+    report: ConversionReport, source: str, num_items: int, *, allow_empty: bool
+) -> None:
+    """Raise :class:`DatasetError` when a split ended up without a single image.
+
+    An empty split is almost always a wrong path or an empty source (a ``labelTxt`` folder
+    without label files, a CSV with only its header), so it is an error unless asked for.
+
+    Args:
+        report: the split's counts (``report.images`` is checked).
+        source: what was read (a file or folder), named in the message.
+        num_items: how many candidate images the source listed.
+        allow_empty: write an empty split instead of raising.
+    """
+    if report.images > 0 or allow_empty:
+        return
+    if num_items == 0:
+        found = "it lists no images"
+    else:
+        found = f"all {num_items} listed images were skipped ({dict(report.skipped)})"
+    raise DatasetError(
+        f"{source}: no images for {report.dataset}/{report.split}: {found}; expected at least "
+        "one image (check the path, or pass allow_empty=True / --allow-empty to write an "
+        "empty split)"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,11 +130,13 @@ def convert_deeplesion(
     context_slices: bool = False,
     drop_noisy: bool = False,
     overwrite_images: bool = False,
+    reuse_image_dir: Path | None = None,
     dataset: str = "deeplesion",
     split: str = "train",
     on_bad_sample: OnBadSample = "error",
     out_of_bounds: OutOfBounds = "clip",
     progress: bool = False,
+    allow_empty: bool = False,
 ) -> ConversionReport:
     """Convert DeepLesion key slices of some ``Train_Val_Test`` subsets to PNGs + COCO JSON.
 
@@ -149,11 +151,14 @@ def convert_deeplesion(
         drop_noisy: skip rows with ``Possibly_noisy = 1`` (counted).
         overwrite_images: rewrite PNGs that already exist (default: keep them; they are only
             ever written whole, so an existing one is complete).
+        reuse_image_dir: another image folder (an earlier output's) whose existing PNGs count
+            as already written (default: only ``out_image_dir`` is checked).
         dataset: dataset name for the report.
         split: split name for the report.
         on_bad_sample: ``"error"`` | ``"skip"``.
         out_of_bounds: ``"clip"`` | ``"error"``.
         progress: show a tqdm bar.
+        allow_empty: write a split without images instead of raising ``DatasetError``.
 
     Returns:
         The split's counts.
@@ -231,7 +236,8 @@ def convert_deeplesion(
             )
         rel = f"{folder}/{src.name}"
         dst = out_image_dir / rel
-        if overwrite_images or not dst.is_file():
+        done = dst.is_file() or (reuse_image_dir is not None and (reuse_image_dir / rel).is_file())
+        if overwrite_images or not done:
             raw = _read_slice(src, first)
             if raw.shape != (height, width):
                 raise BadRecord(
@@ -267,4 +273,12 @@ def convert_deeplesion(
             )
         return record
 
-    return convert_records(builder, sorted(groups), parse, json_out, progress=progress)
+    return convert_records(
+        builder,
+        sorted(groups),
+        parse,
+        json_out,
+        progress=progress,
+        source=f"{csv_path} (rows with Train_Val_Test in {sorted(subsets)})",
+        allow_empty=allow_empty,
+    )

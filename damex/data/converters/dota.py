@@ -36,6 +36,7 @@ from damex.data.converters.common import (
     split_builder,
 )
 from damex.data.uodb import UODB_CLASSES
+from damex.errors import DatasetError
 
 __all__ = ["convert_dota", "parse_dota_label"]
 
@@ -69,16 +70,16 @@ def parse_dota_label(
         where = f"{label_path}:{lineno}"
         tokens = stripped.split()
         try:
-            if len(tokens) not in (9, 10):
+            if len(tokens) != 10:
                 raise BadRecord(
                     where,
-                    "expected 'x1 y1 x2 y2 x3 y3 x4 y4 category difficult' (10 fields), got "
-                    f"{len(tokens)}: {stripped!r}",
+                    "expected 10 space-separated fields 'x1 y1 x2 y2 x3 y3 x4 y4 category "
+                    f"difficult', got {len(tokens)}: {stripped!r}",
                     "malformed line",
                 )
             try:
                 coords = [float(t) for t in tokens[:8]]
-                is_difficult = len(tokens) == 10 and int(tokens[9]) != 0
+                is_difficult = int(tokens[9]) != 0
             except ValueError:
                 raise BadRecord(
                     where,
@@ -135,6 +136,7 @@ def convert_dota(
     on_bad_sample: OnBadSample = "error",
     out_of_bounds: OutOfBounds = "clip",
     progress: bool = False,
+    allow_empty: bool = False,
 ) -> ConversionReport:
     """Convert a DOTA ``labelTxt`` folder to a COCO JSON.
 
@@ -151,6 +153,7 @@ def convert_dota(
         on_bad_sample: ``"error"`` | ``"skip"``.
         out_of_bounds: ``"clip"`` | ``"error"``.
         progress: show a tqdm bar.
+        allow_empty: write a split without images instead of raising ``DatasetError``.
 
     Returns:
         The split's counts.
@@ -191,5 +194,15 @@ def convert_dota(
             issues=builder.issues,
         )
 
+    if not label_dir.is_dir():
+        raise DatasetError(f"{label_dir}: label folder not found (expected labelTxt/<id>.txt)")
     label_files = sorted(label_dir.glob("*.txt"))
-    return convert_records(builder, label_files, parse, json_out, progress=progress)
+    return convert_records(
+        builder,
+        label_files,
+        parse,
+        json_out,
+        progress=progress,
+        source=f"{label_dir} (*.txt label files)",
+        allow_empty=allow_empty,
+    )

@@ -64,6 +64,7 @@ def convert_kitchen(
     on_bad_sample: OnBadSample = "error",
     out_of_bounds: OutOfBounds = "clip",
     progress: bool = False,
+    allow_empty: bool = False,
 ) -> ConversionReport:
     """Convert the per-frame XMLs of some GMU-Kitchen scenes to one COCO JSON.
 
@@ -79,6 +80,7 @@ def convert_kitchen(
         on_bad_sample: ``"error"`` | ``"skip"``.
         out_of_bounds: ``"clip"`` | ``"error"``.
         progress: show a tqdm bar.
+        allow_empty: write a split without images instead of raising ``DatasetError``.
 
     Returns:
         The split's counts.
@@ -120,4 +122,12 @@ def convert_kitchen(
             image_path=root / file_name,
         )
 
-    return convert_records(builder, xml_files, parse, json_out, progress=progress)
+    return convert_records(
+        builder,
+        xml_files,
+        parse,
+        json_out,
+        progress=progress,
+        source=f"{root} (Annotations/*.xml of scenes {list(scenes)})",
+        allow_empty=allow_empty,
+    )

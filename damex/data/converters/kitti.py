@@ -130,6 +130,7 @@ def convert_kitti(
     on_bad_sample: OnBadSample = "error",
     out_of_bounds: OutOfBounds = "clip",
     progress: bool = False,
+    allow_empty: bool = False,
 ) -> ConversionReport:
     """Convert KITTI ``label_2`` files to a COCO JSON.
 
@@ -147,6 +148,7 @@ def convert_kitti(
         on_bad_sample: ``"error"`` | ``"skip"``.
         out_of_bounds: ``"clip"`` | ``"error"``.
         progress: show a tqdm bar.
+        allow_empty: write a split without images instead of raising ``DatasetError``.
 
     Returns:
         The split's counts.
@@ -182,4 +184,7 @@ def convert_kitti(
             issues=builder.issues,
         )
 
-    return convert_records(builder, ids, parse, json_out, progress=progress)
+    source = f"{label_dir} (*.txt label files)" if image_ids is None else f"{label_dir} (ids)"
+    return convert_records(
+        builder, ids, parse, json_out, progress=progress, source=source, allow_empty=allow_empty
+    )

@@ -165,6 +165,7 @@ def convert_lisa(
     on_bad_sample: OnBadSample = "error",
     out_of_bounds: OutOfBounds = "clip",
     progress: bool = False,
+    allow_empty: bool = False,
 ) -> ConversionReport:
     """Convert LISA's ``allAnnotations.csv`` (or a ``frameAnnotations.csv``) to a COCO JSON.
 
@@ -182,6 +183,7 @@ def convert_lisa(
         on_bad_sample: ``"error"`` | ``"skip"``.
         out_of_bounds: ``"clip"`` | ``"error"``.
         progress: show a tqdm bar.
+        allow_empty: write a split without images instead of raising ``DatasetError``.
 
     Returns:
         The split's counts.
@@ -241,4 +243,12 @@ def convert_lisa(
             )
         return record
 
-    return convert_records(builder, sorted(frames), parse, json_out, progress=progress)
+    return convert_records(
+        builder,
+        sorted(frames),
+        parse,
+        json_out,
+        progress=progress,
+        source=f"{csv_path} (rows selected for {split})" if include else str(csv_path),
+        allow_empty=allow_empty,
+    )

@@ -37,6 +37,14 @@ Default splits where UODB's lists were never published (not UODB's exact splits)
 
 A ``splits/train.txt`` + ``splits/test.txt`` pair in the dataset folder overrides them (one
 key a line: KITTI image id, LISA ``Filename``, Kitchen scene folder name).
+
+Writing is all or nothing: every requested dataset and split is built in a hidden staging folder
+next to its output (``OUT/.NAME.<random>.partial``) and moved into place only once every split
+of every dataset has converted. On any error the staging folders are removed and the previous
+output is untouched. ``PrepareOptions.splits`` converts some splits only (e.g. ``("test",)``
+when only the test archive was downloaded); the other split's files of an earlier run stay.
+A split without images is an error unless ``allow_empty``; VOC-layout images must exist
+unless ``check_images=False`` (``--no-image-check``).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -77,6 +86,7 @@ from damex.errors import DatasetError
 __all__ = [
     "Layout",
     "PrepareOptions",
+    "SPLITS",
     "UODB_VOC_IMAGE_SETS",
     "prepare_uodb",
     "format_summary",
@@ -87,6 +97,7 @@ logger = logging.getLogger(__name__)
 
 Layout = Literal["auto", "original", "uodb-voc"]
 _DOC = "docs/preparing_uodb.md"
+SPLITS: tuple[str, ...] = ("train", "test")
 
 # UODB's own VOC-layout release: the image sets its loaders used (uodb-code
 # lib/datasets/datasets_info.py) -> our (train, test) splits, and the image extension.
@@ -121,6 +132,10 @@ class PrepareOptions:
         deeplesion_context_slices: write (slice-1, slice, slice+1) RGB PNGs.
         overwrite_images: rewrite converted images (DeepLesion PNGs) that already exist;
             needed after changing ``deeplesion_context_slices``.
+        splits: the splits to convert (default None: every split the dataset has); a
+            requested split the dataset does not have is an error.
+        allow_empty: write a split without images instead of failing.
+        check_images: VOC-layout datasets check that every image file exists.
     """
 
     on_bad_sample: OnBadSample = "error"
@@ -132,8 +147,16 @@ class PrepareOptions:
     kitchen_test_every: int = 3
     deeplesion_context_slices: bool = False
     overwrite_images: bool = False
+    splits: tuple[str, ...] | None = None
+    allow_empty: bool = False
+    check_images: bool = True
 
     def __post_init__(self) -> None:
+        if self.splits is not None:
+            if not self.splits:
+                raise ValueError(f"splits must name at least one of {SPLITS}, got ()")
+            for split in self.splits:
+                check_choice("splits", split, SPLITS)
         check_choice("on_bad_sample", self.on_bad_sample, ("error", "skip"))
         check_choice("out_of_bounds", self.out_of_bounds, ("clip", "error"))
         check_choice("difficult", self.difficult, FLAG_POLICIES)
@@ -146,9 +169,18 @@ class PrepareOptions:
             raise ValueError(f"kitchen_test_every must be >= 1, got {self.kitchen_test_every}")
 
     @property
-    def common(self) -> dict[str, str]:
+    def common(self) -> dict[str, str | bool]:
         """Keyword arguments every converter takes."""
-        return {"on_bad_sample": self.on_bad_sample, "out_of_bounds": self.out_of_bounds}
+        return {
+            "on_bad_sample": self.on_bad_sample,
+            "out_of_bounds": self.out_of_bounds,
+            "allow_empty": self.allow_empty,
+        }
+
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        """The splits to convert (all by default)."""
+        return self.splits or SPLITS
 
 
 # A job converts one split: job(json_out, progress) -> report.
@@ -165,22 +197,26 @@ class _Plan:
     writes_images: bool = False  # images/ is a real folder the jobs write into
 
 
-def _missing(name: str, path: Path, what: str) -> DatasetError:
+def _missing(name: str, path: Path, what: str, split: str | None = None) -> DatasetError:
+    hint = ""
+    if split is not None:
+        other = [s for s in SPLITS if s != split]
+        hint = f"; to convert only the other split, pass --splits {' '.join(other)}"
     return DatasetError(
         f"{name}: {what} not found: {path} (expected layout for '{name}': see {_DOC} or "
-        "damex.data.converters.prepare)"
+        f"damex.data.converters.prepare){hint}"
     )
 
 
-def _require_dir(name: str, path: Path, what: str) -> Path:
+def _require_dir(name: str, path: Path, what: str, split: str | None = None) -> Path:
     if not path.is_dir():
-        raise _missing(name, path, what)
+        raise _missing(name, path, what, split)
     return path
 
 
-def _require_file(name: str, path: Path, what: str) -> Path:
+def _require_file(name: str, path: Path, what: str, split: str | None = None) -> Path:
     if not path.is_file():
-        raise _missing(name, path, what)
+        raise _missing(name, path, what, split)
     return path
 
 
@@ -221,9 +257,11 @@ def _plan_uodb_voc(name: str, root: Path, images: Path, opts: PrepareOptions) ->
     aliases = UODB_KITTI_VOC_ALIASES if name == "kitti" else None
     jobs: dict[str, _Job] = {}
     for split, image_set in (("train", train_set), ("test", test_set)):
-        if image_set is None:
+        if image_set is None or split not in opts.wanted:
             continue
-        _require_file(name, root / "ImageSets" / "Main" / f"{image_set}.txt", "image set")
+        _require_file(
+            name, root / "ImageSets" / "Main" / f"{image_set}.txt", f"{split} image set", split
+        )
         jobs[split] = _voc_job(name, split, root, image_set, ext, aliases, opts)
     return _Plan(jobs=jobs, image_link=jpeg)
 
@@ -248,6 +286,7 @@ def _voc_job(
             aliases=aliases,
             image_ext=ext,
             difficult=opts.difficult,
+            check_images=opts.check_images,
             progress=progress,
             **opts.common,
         )
@@ -362,6 +401,8 @@ def _plan_source_folders(
     jobs: dict[str, _Job] = {}
     sublinks: dict[str, Path] = {}
     for split, source in (("train", "train"), ("test", "val")):
+        if split not in opts.wanted:
+            continue
         annotations, image_dir, folder = locate(source)
         sublinks[folder] = image_dir
         jobs[split] = partial(
@@ -397,16 +438,20 @@ def _plan_widerface(name: str, root: Path, images: Path, opts: PrepareOptions) -
     split_dir = _require_dir(name, root / "wider_face_split", "wider_face_split folder")
 
     def locate(source: str) -> tuple[Path, Path, str]:
-        gt = _require_file(name, split_dir / f"wider_face_{source}_bbx_gt.txt", "annotation file")
+        split = "train" if source == "train" else "test"
+        gt = _require_file(
+            name, split_dir / f"wider_face_{source}_bbx_gt.txt", "annotation file", split
+        )
         folder = f"WIDER_{source}"
-        return gt, _require_dir(name, root / folder / "images", "image folder"), folder
+        return gt, _require_dir(name, root / folder / "images", "image folder", split), folder
 
     return _plan_source_folders(locate, convert_widerface, "invalid", opts)
 
 
 def _plan_dota(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Plan:
     def locate(source: str) -> tuple[Path, Path, str]:
-        base = _require_dir(name, root / source, f"{source} folder")
+        split = "train" if source == "train" else "test"
+        base = _require_dir(name, root / source, f"{source} folder", split)
         label_candidates = [
             base / "labelTxt",
             base / "labelTxt-v1.0" / "labelTxt",
@@ -414,8 +459,8 @@ def _plan_dota(name: str, root: Path, images: Path, opts: PrepareOptions) -> _Pl
         ]
         label_dir = next((c for c in label_candidates if c.is_dir()), None)
         if label_dir is None:
-            raise _missing(name, label_candidates[0], "labelTxt folder")
-        return label_dir, _require_dir(name, base / "images", "image folder"), source
+            raise _missing(name, label_candidates[0], "labelTxt folder", split)
+        return label_dir, _require_dir(name, base / "images", "image folder", split), source
 
     return _plan_source_folders(locate, convert_dota, "difficult", opts)
 
@@ -480,11 +525,14 @@ def _plan_deeplesion(name: str, root: Path, images: Path, opts: PrepareOptions) 
 
     def make(split: str, subsets: tuple[int, ...]) -> _Job:
         def job(json_out: Path, progress: bool) -> ConversionReport:
+            # json_out is <staging>/annotations/<split>.json: the PNGs go to <staging>/images,
+            # and those an earlier run wrote to the real images/ are reused, not rewritten.
             return convert_deeplesion(
                 csv_path,
                 png_dir,
-                images,
+                json_out.parent.parent / "images",
                 json_out,
+                reuse_image_dir=images,
                 subsets=subsets,
                 split=split,
                 context_slices=opts.deeplesion_context_slices,
@@ -573,6 +621,74 @@ def _prepare_images(plan: _Plan, images: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# all-or-nothing output: staging folders, checked up front, moved into place at the end
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _check_output(out: Path, names: Sequence[str]) -> None:
+    """Fail before converting anything if the output paths cannot be written as folders."""
+    existing = out
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "--out" if existing == out else f"--out {out}: its parent"
+        raise DatasetError(
+            f"{what} {existing} is a file; expected a folder (or a path that does not exist yet)"
+        )
+    for name in names:
+        folder = out / name
+        if folder.exists() and not folder.is_dir():
+            raise DatasetError(
+                f"{folder} is a file; expected the dataset folder '{name}' (move the file away)"
+            )
+        ann = folder / "annotations"
+        if ann.exists() and not ann.is_dir():
+            raise DatasetError(
+                f"{ann} is a file; expected a folder holding {{train,test}}.json (move it away)"
+            )
+        for split in SPLITS:
+            if (ann / f"{split}.json").is_dir():
+                raise DatasetError(f"{ann / f'{split}.json'} is a folder; expected a JSON file")
+        images = folder / "images"
+        if images.exists() and not images.is_dir():
+            raise DatasetError(
+                f"{images} is a file; expected the image folder or a symlink to it (move it away)"
+            )
+
+
+def _remove_stale_staging(out: Path, name: str) -> None:
+    for stale in out.glob(f".{name}.*.partial"):
+        logger.warning("removing %s, left by an interrupted prepare run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _commit(staged: Path, final: Path) -> None:
+    """Move what ``staged`` holds to ``final``; files already in ``final`` but not staged stay.
+
+    A new dataset folder appears with a single rename. Into an existing one, every staged
+    file replaces its namesake with :func:`os.replace` (subset files, the other split's JSON
+    of an earlier ``--splits`` run, reused DeepLesion PNGs are kept).
+    """
+    if not final.exists() and not final.is_symlink():
+        os.replace(staged, final)
+        return
+    for entry in sorted(staged.iterdir()):
+        target = final / entry.name
+        if _is_real_dir(entry) and _is_real_dir(target):
+            _commit(entry, target)
+            continue
+        if entry.is_symlink() and _is_real_dir(target):
+            logger.warning("%s exists and is not a symlink; leaving it as it is", target)
+            continue
+        if _is_real_dir(entry) and target.is_symlink():
+            target.unlink()  # an image link of an earlier run with another layout
+        os.replace(entry, target)
+
+
+# --------------------------------------------------------------------------------------------
 # entry points
 
 
@@ -601,9 +717,10 @@ def prepare_uodb(
         ``{dataset: {split: ConversionReport}}``.
 
     Raises:
-        DatasetError: a missing folder or file (named, with the expected layout), or bad input
-            with ``on_bad_sample="error"``. All layouts are checked before anything is
-            converted.
+        DatasetError: a missing folder or file (named, with the expected layout), an output
+            path that is a file, an empty split (unless ``allow_empty``), or bad input with
+            ``on_bad_sample="error"``. All layouts are checked before anything is converted,
+            and nothing under ``out`` changes unless every split converts.
     """
     src, out = Path(src), Path(out)
     opts = options or PrepareOptions()
@@ -613,6 +730,7 @@ def prepare_uodb(
         raise DatasetError(f"unknown dataset(s) {unknown}; expected some of {UODB_DATASETS}")
     if not src.is_dir():
         raise DatasetError(f"originals folder not found: {src}")
+    _check_output(out, names)
     plans: dict[str, _Plan] = {}
     for name in dict.fromkeys(names):
         root = src / name
@@ -621,36 +739,60 @@ def prepare_uodb(
                 logger.warning("%s: %s not found; skipped", name, root)
                 continue
             raise _missing(name, root, "dataset folder")
-        plans[name] = _make_plan(name, root, out / name / "images", opts)
+        plan = _make_plan(name, root, out / name / "images", opts)
+        plan.jobs = {s: job for s, job in plan.jobs.items() if s in opts.wanted}
+        absent = [s for s in opts.splits or () if s not in plan.jobs]
+        if absent:
+            raise DatasetError(
+                f"{name}: has no {absent[0]} split (requested with splits / --splits)"
+            )
+        plans[name] = plan
 
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create the output folder {out}: {exc.strerror}") from None
     reports: dict[str, dict[str, ConversionReport]] = {}
+    staged: dict[str, Path] = {}
     total = sum(len(p.jobs) for p in plans.values())
-    with tqdm(total=total, desc="UODB", unit="split", disable=not progress) as bar:
-        for name, plan in plans.items():
-            images = out / name / "images"
-            if plan.writes_images:
-                if images.is_symlink():
-                    images.unlink()
-                images.mkdir(parents=True, exist_ok=True)
-            reports[name] = {}
-            for split, job in plan.jobs.items():
-                bar.set_postfix_str(f"{name}/{split}")
-                report = job(out / name / "annotations" / f"{split}.json", progress)
-                report.dataset = name
-                reports[name][split] = report
-                logger.info(
-                    "%s/%s: %d images, %d boxes, %d ignored, %d skipped -> %s",
-                    name,
-                    split,
-                    report.images,
-                    report.boxes,
-                    report.ignored,
-                    report.num_skipped,
-                    report.json_path,
-                )
-                bar.update(1)
-            if not plan.writes_images:
-                _prepare_images(plan, images)
+    try:
+        with tqdm(total=total, desc="UODB", unit="split", disable=not progress) as bar:
+            for name, plan in plans.items():
+                _remove_stale_staging(out, name)
+                try:
+                    stage = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out))
+                except OSError as exc:
+                    raise DatasetError(f"cannot write into {out}: {exc.strerror}") from None
+                staged[name] = stage
+                if plan.writes_images:
+                    (stage / "images").mkdir()
+                reports[name] = {}
+                for split, job in plan.jobs.items():
+                    bar.set_postfix_str(f"{name}/{split}")
+                    report = job(stage / "annotations" / f"{split}.json", progress)
+                    report.dataset = name
+                    report.json_path = out / name / "annotations" / f"{split}.json"
+                    reports[name][split] = report
+                    logger.info(
+                        "%s/%s: %d images, %d boxes, %d ignored, %d skipped",
+                        name,
+                        split,
+                        report.images,
+                        report.boxes,
+                        report.ignored,
+                        report.num_skipped,
+                    )
+                    bar.update(1)
+                if not plan.writes_images:
+                    _prepare_images(plan, stage / "images")
+        # Every split of every dataset converted: only now does anything under out change.
+        for name, stage in staged.items():
+            _commit(stage, out / name)
+            logger.info("%s: written to %s", name, out / name)
+    finally:
+        for stage in staged.values():
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
     return reports
 
 
@@ -688,7 +830,10 @@ def format_summary(reports: dict[str, dict[str, ConversionReport]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python tools/prepare_uodb.py --src ORIGINALS_DIR --out data/uodb [...]``."""
+    """CLI: ``python tools/prepare_uodb.py --src ORIGINALS_DIR --out data/uodb [...]``.
+
+    Returns 0, or 2 with one ``error:`` line on stderr for bad input (as ``damex`` does).
+    """
     parser = argparse.ArgumentParser(
         prog="prepare_uodb",
         description="Rebuild UODB (COCO JSON per dataset split) from the original releases. "
@@ -724,6 +869,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="leave out datasets whose folder is missing instead of failing",
     )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        choices=SPLITS,
+        default=None,
+        help="convert only these splits (default: all); e.g. --splits test when only the test "
+        "archive is there. Files of the other split from an earlier run are kept",
+    )
+    parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="write a split that has no images instead of failing (an empty split is usually a "
+        "wrong path or an empty source folder)",
+    )
+    parser.add_argument(
+        "--no-image-check",
+        action="store_true",
+        help="do not require every VOC-layout image (JPEGImages/<id>.jpg) to exist, e.g. to "
+        "convert the annotations before the images are unpacked",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -738,6 +903,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout=args.layout,
         deeplesion_context_slices=args.deeplesion_context_slices,
         overwrite_images=args.overwrite_images,
+        splits=tuple(dict.fromkeys(args.splits)) if args.splits else None,
+        allow_empty=args.allow_empty,
+        check_images=not args.no_image_check,
     )
     try:
         reports = prepare_uodb(
@@ -749,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(format_summary(reports))
     return 0

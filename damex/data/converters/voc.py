@@ -208,6 +208,8 @@ def convert_voc(
     on_bad_sample: OnBadSample = "error",
     out_of_bounds: OutOfBounds = "clip",
     progress: bool = False,
+    check_images: bool = True,
+    allow_empty: bool = False,
 ) -> ConversionReport:
     """Convert one image set of a VOC-layout release to a COCO JSON.
 
@@ -226,6 +228,10 @@ def convert_voc(
         on_bad_sample: ``"error"`` | ``"skip"``.
         out_of_bounds: ``"clip"`` | ``"error"``.
         progress: show a tqdm bar.
+        check_images: every image must exist under ``JPEGImages/`` (a missing one is bad input:
+            an error, or a counted skip with ``on_bad_sample="skip"``); False skips the check
+            (``--no-image-check``), e.g. to convert annotations before the images arrive.
+        allow_empty: write a split without images instead of raising ``DatasetError``.
 
     Returns:
         The split's counts.
@@ -255,6 +261,14 @@ def convert_voc(
         xml_path = voc_root / "Annotations" / f"{image_id}.xml"
         if not xml_path.is_file():
             raise BadRecord(str(xml_path), "annotation file not found", "missing file")
+        image_path = voc_root / "JPEGImages" / file_name
+        if check_images and not image_path.is_file():
+            raise BadRecord(
+                str(xml_path),
+                f"image not found: {image_path} (expected JPEGImages/<id>{image_ext}; "
+                "--no-image-check converts the annotations without it)",
+                "missing image",
+            )
         return parse_voc_xml(
             xml_path,
             class_to_id=class_to_id,
@@ -262,8 +276,15 @@ def convert_voc(
             issues=builder.issues,
             aliases=aliases,
             difficult=difficult,
-            image_path=voc_root / "JPEGImages" / file_name,
+            image_path=image_path,
             one_based=one_based,
         )
 
-    return convert_records(builder, ids, parse, json_out, progress=progress)
+    source = (
+        str(voc_root / "ImageSets" / "Main" / f"{image_set}.txt")
+        if isinstance(image_set, str)
+        else f"{voc_root} (explicit id list)"
+    )
+    return convert_records(
+        builder, ids, parse, json_out, progress=progress, source=source, allow_empty=allow_empty
+    )

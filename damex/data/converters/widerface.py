@@ -173,6 +173,7 @@ def convert_widerface(
     on_bad_sample: OnBadSample = "error",
     out_of_bounds: OutOfBounds = "clip",
     progress: bool = False,
+    allow_empty: bool = False,
 ) -> ConversionReport:
     """Convert one WIDER FACE ground-truth file to a COCO JSON.
 
@@ -188,6 +189,7 @@ def convert_widerface(
         on_bad_sample: ``"error"`` | ``"skip"``.
         out_of_bounds: ``"clip"`` | ``"error"``.
         progress: show a tqdm bar.
+        allow_empty: write a split without images instead of raising ``DatasetError``.
 
     Returns:
         The split's counts.
@@ -234,4 +236,12 @@ def convert_widerface(
             )
         return record
 
-    return convert_records(builder, records, parse, json_out, progress=progress)
+    return convert_records(
+        builder,
+        records,
+        parse,
+        json_out,
+        progress=progress,
+        source=str(gt_txt),
+        allow_empty=allow_empty,
+    )

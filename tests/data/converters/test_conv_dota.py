@@ -72,11 +72,22 @@ def test_dota_unknown_class_and_malformed_line(dota: Path, tmp_path: Path) -> No
     label.write_text(text.replace("large-vehicle 0", "airport 0", 1))
     with pytest.raises(DatasetError, match=r"P1888\.txt:5: unknown class 'airport'"):
         convert_dota(dota / "train/labelTxt", dota / "train/images", tmp_path / "d.json")
+    # 9 fields (a coordinate lost): an error that says 10 are expected and 9 were found
     label.write_text(text.replace("683 351 694 351", "683 351 694", 1))
+    with pytest.raises(
+        DatasetError, match=r"P1888\.txt:4: expected 10 space-separated fields .*, got 9"
+    ):
+        convert_dota(dota / "train/labelTxt", dota / "train/images", tmp_path / "d.json")
+    # 9 fields (difficult missing) is no longer accepted silently either
+    label.write_text(text.replace("small-vehicle 0", "small-vehicle", 1))
+    with pytest.raises(DatasetError, match=r"P1888\.txt:\d+: expected 10 .*, got 9"):
+        convert_dota(dota / "train/labelTxt", dota / "train/images", tmp_path / "d.json")
+    label.write_text(text.replace("683 351 694 351", "683 351 694 x", 1))
     with pytest.raises(
         DatasetError, match=r"P1888\.txt:4: coordinates and difficult must be numbers"
     ):
         convert_dota(dota / "train/labelTxt", dota / "train/images", tmp_path / "d.json")
+    label.write_text(text.replace("683 351 694 351", "683 351 694", 1))
     r = convert_dota(
         dota / "train/labelTxt", dota / "train/images", tmp_path / "d.json", on_bad_sample="skip"
     )

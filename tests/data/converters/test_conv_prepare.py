@@ -22,7 +22,10 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
     root = tmp_path_factory.mktemp("uodb")
     src = make_all(root / "src")
     out = root / "out"
-    reports = prepare_uodb(src, out, PREPARED, progress=False)
+    # the LISA sample's two recordings both hash into train: its test split is empty
+    reports = prepare_uodb(
+        src, out, PREPARED, progress=False, options=PrepareOptions(allow_empty=True)
+    )
     return src, out, reports
 
 
@@ -140,7 +143,13 @@ def test_prepare_default_splits_are_stable(tmp_path: Path) -> None:
         expected["test" if stable_fraction(stem) < 0.5 else "train"].append(f"{stem}.png")
     assert got == expected
     shutil.rmtree(out)
-    prepare_uodb(src, out, ["kitti"], progress=False, options=PrepareOptions(kitti_test_fraction=0))
+    with pytest.raises(DatasetError, match=r"label_2 \(ids\): no images for kitti/test"):
+        prepare_uodb(
+            src, out, ["kitti"], progress=False, options=PrepareOptions(kitti_test_fraction=0)
+        )
+    assert not out.exists() or not any(out.iterdir())  # nothing written, no staging left
+    opts = PrepareOptions(kitti_test_fraction=0, allow_empty=True)
+    prepare_uodb(src, out, ["kitti"], progress=False, options=opts)
     assert json.loads((out / "kitti/annotations/test.json").read_text())["images"] == []
 
 
@@ -206,6 +215,7 @@ def test_prepare_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
             "--datasets",
             "kitchen",
             "--no-progress",
+            "--allow-empty",
         ]
     )
     assert code == 0
@@ -216,5 +226,5 @@ def test_prepare_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     code = main(
         ["--src", str(src), "--out", str(tmp_path / "out"), "--datasets", "kitti", "--no-progress"]
     )
-    assert code == 1
+    assert code == 2
     assert "kitti: dataset folder not found" in capsys.readouterr().err

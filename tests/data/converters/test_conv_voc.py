@@ -87,7 +87,17 @@ def test_voc_malformed_xml_names_line(voc: Path, tmp_path: Path) -> None:
     _edit(voc / "Annotations/000001.xml", "</object>\n\t<object>", "</objekt>\n\t<object>")
     with pytest.raises(DatasetError, match=r"000001\.xml:31: malformed XML"):
         convert_voc(voc, "test", tmp_path / "a.json", classes=VOC_CLASSES)
-    r = convert_voc(voc, "test", tmp_path / "a.json", classes=VOC_CLASSES, on_bad_sample="skip")
+    with pytest.raises(DatasetError, match=r"test\.txt: no images .* skipped"):
+        convert_voc(voc, "test", tmp_path / "a.json", classes=VOC_CLASSES, on_bad_sample="skip")
+    assert not (tmp_path / "a.json").exists()
+    r = convert_voc(
+        voc,
+        "test",
+        tmp_path / "a.json",
+        classes=VOC_CLASSES,
+        on_bad_sample="skip",
+        allow_empty=True,
+    )
     assert r.skipped["malformed XML"] == 1 and r.images == 0
 
 
