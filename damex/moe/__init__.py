@@ -23,11 +23,14 @@ from damex.moe.losses import (
 )
 from damex.moe.mapping import ExpertMap, propose_mapping, validate_expert_map
 from damex.moe.parallel import (
+    ProcessGroupRef,
     all_to_all_autograd,
     expert_parallel_forward,
+    expert_parallel_layers,
     expert_parameter_names,
+    idle_expert_parallel_forward,
     ignore_expert_params_in_ddp,
-    register_expert_grad_scaling,
+    scale_expert_grads_,
 )
 from damex.moe.router import ROUTER_KINDS, RouterOutput, TopKRouter
 from damex.moe.stats import RoutingStats
@@ -42,6 +45,7 @@ __all__ = [
     "ExpertMap",
     "Experts",
     "MoEFFN",
+    "ProcessGroupRef",
     "RouterOutput",
     "RoutingInfo",
     "RoutingStats",
@@ -53,15 +57,17 @@ __all__ = [
     "dispatch",
     "expert_ffn",
     "expert_parallel_forward",
+    "expert_parallel_layers",
     "expert_parameter_names",
     "group_index",
+    "idle_expert_parallel_forward",
     "ignore_expert_params_in_ddp",
     "load_importance_loss",
     "moe_loss",
     "plan_dispatch",
     "propose_mapping",
-    "register_expert_grad_scaling",
     "router_z_loss",
+    "scale_expert_grads_",
     "switch_loss",
     "validate_expert_map",
 ]

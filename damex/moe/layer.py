@@ -1,7 +1,19 @@
 """``MoEFFN``: router + capacity/dispatch + experts + combine -> ``(y, RoutingInfo)``.
 
-The layer returns only the combined expert output; the caller (the decoder layer) owns the
-pre-norm, DropPath and residual (official DAMEX: ``out = x + DropPath(MoE(LN(x)))``, spec §2.3).
+The layer returns only the combined expert output (plus the shared expert's, if any); the
+caller (the decoder layer) owns the norm, DropPath and residual (official DAMEX:
+``out = x + DropPath(MoE(LN(x)))``).
+
+Recipe options (README, "Making the mixture pay"):
+
+* ``shared_expert``: a dense FFN every token passes through, added to the routed experts'
+  output (DeepSeekMoE's shared expert, Dai et al. 2024): ``y = Shared(x) + sum_j g_j E_j(x)``.
+* ``unit_gate``: top-1 combine weight of value 1 with the gate's gradient (straight-through,
+  ``g - sg(g) + 1``), so a routed token gets the full expert output at any router confidence
+  (with a fresh router the softmax gate is ~1/E, which scales the FFN output down E-fold).
+* ``expert_init="identical"``: every routed expert starts as a copy of expert 0 (the MoE starts
+  as the dense FFN it replaces; with ``unit_gate`` and no token dropping its output equals that
+  FFN's).
 """
 
 from __future__ import annotations
@@ -11,12 +23,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from damex.moe.dispatch import capacity_per_group, combine, dispatch, group_index, plan_dispatch
-from damex.moe.experts import Experts
-from damex.moe.parallel import expert_parallel_forward
+from damex.moe.experts import ExpertFFN, Experts
+from damex.moe.parallel import ProcessGroupRef, expert_parallel_forward
 from damex.moe.router import TopKRouter
 from damex.moe.types import RoutingInfo
 
-__all__ = ["MoEFFN"]
+__all__ = ["EXPERT_INITS", "MoEFFN"]
+
+EXPERT_INITS = ("independent", "identical")
 
 
 class MoEFFN(nn.Module):
@@ -47,6 +61,11 @@ class MoEFFN(nn.Module):
             None = all experts local. All ranks must construct the layer from the same RNG
             state so that the shards together equal the single-process experts.
         cpu_threads: expert GEMM threading on CPU (see :func:`damex.moe.experts.expert_ffn`).
+        shared_expert: also pass every token through one shared FFN (same hidden width and
+            activation) and add its output (DeepSeekMoE).
+        unit_gate: combine weight 1 in value, gradient of the gate (straight-through).
+        expert_init: ``"independent"`` (each expert its own random init) or ``"identical"``
+            (all experts copies of expert 0).
     """
 
     def __init__(
@@ -66,8 +85,15 @@ class MoEFFN(nn.Module):
         normalize_gate: bool = False,
         expert_parallel_group: dist.ProcessGroup | None = None,
         cpu_threads: bool | None = None,
+        shared_expert: bool = False,
+        unit_gate: bool = False,
+        expert_init: str = "independent",
     ) -> None:
         super().__init__()
+        if expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
+        if unit_gate and top_k != 1:
+            raise ValueError(f"unit_gate needs top_k=1 (a token's one gate is set to 1), got {top_k}")
         if capacity_group not in ("image", "batch"):
             raise ValueError(f"capacity_group must be 'image' or 'batch', got {capacity_group!r}")
         self.d_model = d_model
@@ -95,7 +121,10 @@ class MoEFFN(nn.Module):
             fc2_bias=fc2_bias,
             cpu_threads=cpu_threads,
         )
-        self.expert_parallel_group = expert_parallel_group
+        # held by reference: a deep copy of the layer (its EMA) talks to the same group
+        self._ep_group = (
+            None if expert_parallel_group is None else ProcessGroupRef(expert_parallel_group)
+        )
         self.expert_offset = 0
         if expert_parallel_group is not None:
             world = dist.get_world_size(expert_parallel_group)
@@ -110,13 +139,19 @@ class MoEFFN(nn.Module):
             self.experts.keep_(range(self.expert_offset, self.expert_offset + local))
 
     @property
+    def expert_parallel_group(self) -> dist.ProcessGroup | None:
+        """The process group the experts are spread over (None: all experts local)."""
+        return None if self._ep_group is None else self._ep_group.group
+
+    @property
     def num_local_experts(self) -> int:
         return self.experts.num_experts
 
     def extra_repr(self) -> str:
         return (
             f"capacity_factor={self.capacity_factor}, capacity_group={self.capacity_group}, "
-            f"expert_offset={self.expert_offset}"
+            f"expert_offset={self.expert_offset}, shared_expert={self.shared is not None}, "
+            f"unit_gate={self.unit_gate}, expert_init={self.expert_init}"
         )
 
     def forward(self, x: Tensor, token_image: Tensor | None = None) -> tuple[Tensor, RoutingInfo]:
@@ -156,7 +191,12 @@ class MoEFFN(nn.Module):
             out = expert_parallel_forward(
                 self.experts, routed, plan.counts, self.expert_parallel_group
             )
-        y = combine(out, plan, route.gate, num_tokens)  # [T, d]
+        gate = route.gate
+        if self.unit_gate:
+            gate = gate - gate.detach() + 1.0  # value 1, d/dgate = 1 (straight-through)
+        y = combine(out, plan, gate, num_tokens)  # [T, d]
+        if self.shared is not None:
+            y = y + self.shared(x).to(y.dtype)
         if token_image is None:
             token_image = torch.zeros(num_tokens, dtype=torch.long, device=x.device)
         info = RoutingInfo(

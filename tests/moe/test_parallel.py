@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from copy import deepcopy
 
 import torch
 import torch.distributed as dist
@@ -16,8 +17,9 @@ from damex.moe import (
     MoEFFN,
     RoutingStats,
     expert_parameter_names,
+    idle_expert_parallel_forward,
     ignore_expert_params_in_ddp,
-    register_expert_grad_scaling,
+    scale_expert_grads_,
 )
 
 WORLD = 2
@@ -93,17 +95,28 @@ def _check(rank: int) -> None:
     names = ignore_expert_params_in_ddp(net)
     assert names == expert_parameter_names(net)
     assert set(names) == {f"moe.experts.{n}" for n, _ in ep.experts.named_parameters()}
-    handles = register_expert_grad_scaling(net, 1.0 / WORLD)
     ddp = DistributedDataParallel(net)
+    for name, p in ep.experts.named_parameters():  # DDP did not overwrite rank 1's experts
+        assert torch.equal(p, full_params[name]), name
     net.zero_grad()
     (ddp(x, ti) * w).sum().backward()
+    assert scale_expert_grads_(net, 1.0 / WORLD) == len(names)
     for name, p in ep.experts.named_parameters():
         expected = full_params[name].grad / WORLD
         torch.testing.assert_close(p.grad, expected, **tol)
     router_mean = (ref[0][3] + ref[1][3]) / WORLD
     torch.testing.assert_close(ep.router.weight.grad, router_mean, **tol)
-    for h in handles:
-        h.remove()
+
+    # a rank without tokens joins the others' all-to-alls: rank 1 idles, rank 0's output is the
+    # single-process one (its tokens routed to rank 1's experts are computed there)
+    copy = deepcopy(ep)  # an EMA-style copy shares the process group
+    assert copy.expert_parallel_group is ep.expert_parallel_group
+    with torch.no_grad():
+        if rank == 0:
+            y0, _ = copy(x, ti)
+            torch.testing.assert_close(y0, y_ref, **tol)
+        else:
+            assert idle_expert_parallel_forward(_Net(copy)) == 1
 
     # routing statistics all-reduced over the ranks == statistics of both ranks' tokens
     stats = RoutingStats(1, 2, 4)
