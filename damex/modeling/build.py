@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 from damex.config import ModelConfig, MoEConfig
@@ -45,7 +47,30 @@ def _validate(cfg: ModelConfig, num_classes: int) -> None:
         raise bad("num_queries", ">= 1", cfg.num_queries)
 
 
-def _build_moe_block(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> nn.Module:
+def _expert_parallel_group(moe_cfg: MoEConfig) -> dist.ProcessGroup | None:
+    """The default process group when ``moe.expert_parallel`` applies, else None.
+
+    Expert parallelism needs an initialized process group of world size ``W > 1`` (torchrun)
+    and ``moe.num_experts % W == 0``; in a single process every expert is local (the same
+    model: checkpoints do not depend on ``W``).
+    """
+    if not moe_cfg.expert_parallel or not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    if world == 1:
+        return None
+    if moe_cfg.num_experts % world:
+        raise ConfigError(
+            f"moe.expert_parallel=true needs moe.num_experts to be a multiple of the number of "
+            f"processes, got moe.num_experts={moe_cfg.num_experts} on {world} processes; change "
+            f"moe.num_experts or the number of processes, or set moe.expert_parallel=false"
+        )
+    return dist.group.WORLD
+
+
+def _build_moe_block(
+    model_cfg: ModelConfig, moe_cfg: MoEConfig, group: dist.ProcessGroup | None
+) -> nn.Module:
     from damex.modeling.transformer import MoEBlock
     from damex.moe import MoEFFN
 
@@ -62,6 +87,7 @@ def _build_moe_block(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> nn.Module:
         dropout=moe_cfg.dropout,
         fc2_bias=moe_cfg.fc2_bias,
         normalize_gate=moe_cfg.normalize_gate,
+        expert_parallel_group=group,
     )
     return MoEBlock(moe=moe, d_model=model_cfg.d_model, drop_path=moe_cfg.drop_path)
 
@@ -74,6 +100,13 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, num_classes: int) ->
         moe_cfg: ``cfg.moe`` (read only if some decoder layer is ``moe``).
         num_classes: size of the unified label space (head outputs).
 
+    With ``moe.expert_parallel=true`` under ``torchrun`` (world size ``W > 1``), every MoE layer
+    keeps only experts ``[r * E/W, (r + 1) * E/W)`` on rank ``r`` and routes tokens to them with
+    all-to-all (:mod:`damex.moe.parallel`). The ranks then build the model from rank 0's RNG
+    state, so that their shards together are exactly the model a single process would build.
+    Every collective-dependent step of training (DDP, clipping, checkpoints, evaluation) is in
+    :mod:`damex.engine.expert_parallel`.
+
     Returns:
         A ``damex.modeling.dino.DINO``.
 
@@ -81,6 +114,14 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, num_classes: int) ->
         ConfigError: naming the offending key.
     """
     _validate(model_cfg, num_classes)
+    group = None
+    if "moe" in model_cfg.decoder_ffn:
+        group = _expert_parallel_group(moe_cfg)
+    if group is not None:
+        # expert shards must come from one RNG stream (DDP only broadcasts the shared weights)
+        rng = [torch.get_rng_state() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(rng, src=0)
+        torch.set_rng_state(rng[0])
     from damex.modeling.backbone import Backbone, ChannelMapper
     from damex.modeling.deform_attn import MSDeformAttn
     from damex.modeling.dense_head import DenseHead
@@ -130,7 +171,7 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, num_classes: int) ->
     layers = []
     for kind in m.decoder_ffn:
         if kind == "moe":
-            ffn = _build_moe_block(m, moe_cfg)
+            ffn = _build_moe_block(m, moe_cfg, group)
         else:
             ffn = FFN(d_model=m.d_model, hidden_dim=m.dim_feedforward, dropout=m.dropout)
         layers.append(
@@ -193,6 +234,14 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, num_classes: int) ->
     )
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if group is not None:
+        logger.info(
+            "expert parallelism: %d of %d experts per MoE layer on rank %d of %d",
+            moe_cfg.num_experts // dist.get_world_size(group),
+            moe_cfg.num_experts,
+            dist.get_rank(group),
+            dist.get_world_size(group),
+        )
     logger.info(
         "built DINO: %s, d=%d, %d enc / %d dec layers (%s), %d queries, %.2fM params "
         "(%.2fM trainable)",
