@@ -172,6 +172,9 @@ class FFN(nn.Module):
 class MoEBlock(nn.Module):
     """Pre-norm MoE sub-block: ``x + DropPath(MoE(LN(x)))``, no norm after (spec §2.3).
 
+    ``norm="post"`` gives the dense FFN's layout instead, ``LN(x + DropPath(MoE(x)))``, so an
+    MoE block can replace a dense ``FFN`` exactly (upcycling, README "Making the mixture pay").
+
     Tokens are flattened batch-major (``t = b * N + n``) and the image index of every token is
     passed explicitly (spec Q2), so capacity per image and the DAMEX targets never depend on a
     guessed layout.
@@ -181,13 +184,19 @@ class MoEBlock(nn.Module):
             where ``y`` is only the experts' combined output (zero for dropped tokens).
         d_model: width.
         drop_path: DropPath probability per (image, query) token (DAMEX: 0.2).
+        norm: ``"pre"`` (DAMEX) or ``"post"`` (the dense FFN's post-norm).
     """
 
-    def __init__(self, *, moe: nn.Module, d_model: int, drop_path: float = 0.0) -> None:
+    def __init__(
+        self, *, moe: nn.Module, d_model: int, drop_path: float = 0.0, norm: str = "pre"
+    ) -> None:
         super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"MoEBlock norm must be 'pre' or 'post', got {norm!r}")
         self.norm = nn.LayerNorm(d_model)
         self.moe = moe
         self.drop_path = drop_path
+        self.norm_position = norm
 
     def forward(self, x: Tensor, tags: TokenTags | None = None) -> tuple[Tensor, RoutingInfo]:
         """Args: ``x`` ``[B, N, D]``, tags per token. Returns (``[B, N, D]``, RoutingInfo)."""
@@ -195,12 +204,14 @@ class MoEBlock(nn.Module):
         if tags is None:  # plain queries: all matching
             query = torch.arange(num, device=x.device).expand(bsz, num)
             tags = TokenTags(torch.full_like(query, int(TokenKind.MATCHING)), query)
-        flat = self.norm(x).reshape(bsz * num, dim)  # [B*N, D], batch-major
+        pre = self.norm_position == "pre"
+        flat = (self.norm(x) if pre else x).reshape(bsz * num, dim)  # [B*N, D], batch-major
         token_image = torch.arange(bsz, device=x.device).repeat_interleave(num)  # [B*N]
         y, info = self.moe(flat, token_image)
         info = info.with_tokens(tags.kind.reshape(-1), tags.query.reshape(-1))
         y = y.view(bsz, num, dim).to(x.dtype)
-        return x + drop_path(y, self.drop_path, self.training), info
+        out = x + drop_path(y, self.drop_path, self.training)
+        return (out if pre else self.norm(out)), info
 
 
 class EncoderLayer(nn.Module):

@@ -93,7 +93,7 @@ class MoEFFN(nn.Module):
         if expert_init not in EXPERT_INITS:
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
         if unit_gate and top_k != 1:
-            raise ValueError(f"unit_gate needs top_k=1 (a token's one gate is set to 1), got {top_k}")
+            raise ValueError(f"unit_gate needs top_k=1 (one gate set to 1), got top_k={top_k}")
         if capacity_group not in ("image", "batch"):
             raise ValueError(f"capacity_group must be 'image' or 'batch', got {capacity_group!r}")
         self.d_model = d_model
@@ -120,6 +120,24 @@ class MoEFFN(nn.Module):
             dropout=dropout,
             fc2_bias=fc2_bias,
             cpu_threads=cpu_threads,
+        )
+        if expert_init == "identical":
+            first = self.experts[0]
+            self.experts.load_dense_(first.fc1, first.fc2)
+        self.expert_init = expert_init
+        self.unit_gate = bool(unit_gate)
+        # the shared expert is built after the routed ones so that shared_expert=False leaves
+        # the RNG stream (hence the routed experts' init) unchanged
+        self.shared = (
+            ExpertFFN(
+                d_model=d_model,
+                hidden_dim=hidden_dim,
+                activation=activation,
+                dropout=dropout,
+                fc2_bias=fc2_bias,
+            )
+            if shared_expert
+            else None
         )
         # held by reference: a deep copy of the layer (its EMA) talks to the same group
         self._ep_group = (

@@ -1,0 +1,113 @@
+"""Recipe options of the MoE layer: shared expert, unit gate, identical experts, post-norm block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from damex.modeling.transformer import FFN, MoEBlock
+from damex.moe import MoEFFN
+
+
+def _layer(**kw: object) -> MoEFFN:
+    args = dict(d_model=8, hidden_dim=16, num_experts=3, capacity_factor=0.0, gate_noise=0.0)
+    args.update(kw)
+    return MoEFFN(**args)  # type: ignore[arg-type]
+
+
+def test_shared_expert_output_is_shared_plus_gate_times_expert() -> None:
+    torch.manual_seed(0)
+    moe = _layer(shared_expert=True)
+    assert moe.shared is not None
+    x = torch.randn(20, 8)
+    y, info = moe(x)
+    probs = torch.softmax(info.logits, -1)
+    for t in range(20):
+        e = int(info.expert[t, 0])
+        ref = moe.shared(x[t : t + 1]) + probs[t, e] * moe.experts[e](x[t : t + 1])
+        torch.testing.assert_close(y[t : t + 1], ref, rtol=1e-5, atol=1e-6)
+    # the shared expert gets a gradient from every token, the routed ones from theirs
+    y.sum().backward()
+    assert moe.shared.fc1.weight.grad is not None
+    assert moe.shared.fc1.weight.grad.abs().sum() > 0
+
+
+def test_shared_expert_with_dropped_tokens_keeps_the_shared_path() -> None:
+    torch.manual_seed(1)
+    moe = _layer(shared_expert=True, capacity_factor=0.3)
+    x = torch.randn(30, 8)
+    y, info = moe(x)
+    dropped = ~info.kept[:, 0]
+    assert dropped.any()
+    torch.testing.assert_close(y[dropped], moe.shared(x[dropped]), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_expert_off_keeps_the_routed_init() -> None:
+    torch.manual_seed(3)
+    a = _layer()
+    torch.manual_seed(3)
+    b = _layer(shared_expert=True)
+    assert a.shared is None
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_unit_gate_value_one_gradient_of_gate() -> None:
+    torch.manual_seed(0)
+    moe = _layer(unit_gate=True)
+    x = torch.randn(12, 8)
+    y, info = moe(x)
+    for t in range(12):
+        e = int(info.expert[t, 0])
+        torch.testing.assert_close(y[t], moe.experts[e](x[t : t + 1])[0], rtol=1e-5, atol=1e-6)
+    # the router still learns from the detection loss (straight-through gradient)
+    y.pow(2).sum().backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="top_k=1"):
+        _layer(unit_gate=True, top_k=2)
+
+
+def test_identical_experts_start_equal_and_equal_the_dense_ffn() -> None:
+    torch.manual_seed(0)
+    moe = _layer(expert_init="identical", unit_gate=True)
+    x = torch.randn(25, 8)
+    ref = moe.experts[0](x)
+    for e in range(1, 3):
+        for name, p in moe.experts[e].named_parameters():
+            assert torch.equal(p, dict(moe.experts[0].named_parameters())[name])
+    y, info = moe(x)
+    assert len(set(info.expert[:, 0].tolist())) > 1  # tokens spread, output still the FFN's
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="expert_init"):
+        _layer(expert_init="copy")
+
+
+def test_independent_experts_differ() -> None:
+    torch.manual_seed(0)
+    moe = _layer()
+    assert not torch.equal(moe.experts[0].fc1.weight, moe.experts[1].fc1.weight)
+
+
+def test_post_norm_block_equals_dense_ffn_block() -> None:
+    torch.manual_seed(0)
+    dense = FFN(d_model=8, hidden_dim=16)  # ReLU, post-norm
+    moe = _layer(activation="relu", unit_gate=True)
+    moe.experts.load_dense_(dense.linear1, dense.linear2)
+    block = MoEBlock(moe=moe, d_model=8, norm="post").eval()
+    block.norm.load_state_dict(dense.norm.state_dict())
+    x = torch.randn(2, 5, 8)
+    y, _ = block(x)
+    torch.testing.assert_close(y, dense(x)[0], rtol=1e-5, atol=1e-6)
+    pre = MoEBlock(moe=moe, d_model=8, norm="pre").eval()
+    assert not torch.allclose(pre(x)[0], dense(x)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="norm"):
+        MoEBlock(moe=moe, d_model=8, norm="sandwich")
+
+
+def test_post_norm_block_output_is_normalized() -> None:
+    torch.manual_seed(0)
+    block = MoEBlock(moe=_layer(), d_model=8, norm="post")
+    nn.init.ones_(block.norm.weight)
+    y, _ = block(torch.randn(2, 4, 8) * 10)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
