@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("prepare-uodb", "rebuild UODB as COCO JSON from the original releases"),
         ("make-subsets", "write seeded P%% image subsets (the limited-data fsPerc files)"),
+        ("experiments", "run a multi-seed experiment spec (variants x seeds), resumable; tables"),
     ):
         sub.add_parser(name, help=text, add_help=False)  # arguments: see _DELEGATED
 
@@ -247,8 +248,18 @@ def _cmd_make_subsets(argv: list[str]) -> int:
     return subsets_main(argv)
 
 
+def _cmd_experiments(argv: list[str]) -> int:
+    from damex.experiments.cli import main as experiments_main
+
+    return experiments_main(argv)
+
+
 # commands with their own argument parser: everything after the command name goes to them
-_DELEGATED = {"prepare-uodb": _cmd_prepare_uodb, "make-subsets": _cmd_make_subsets}
+_DELEGATED = {
+    "prepare-uodb": _cmd_prepare_uodb,
+    "make-subsets": _cmd_make_subsets,
+    "experiments": _cmd_experiments,
+}
 
 _COMMANDS = {
     "train": _cmd_train,

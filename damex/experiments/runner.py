@@ -1,0 +1,471 @@
+"""Run an experiment spec: each (seed, variant) as ``damex train`` + ``damex evaluate`` processes.
+
+Each run is the public command line, not the trainer's internals, so what the tables report is
+what a user gets from ``damex train``. For one run (``OUT/runs/<variant>/seed<seed>``):
+
+1. ``damex train -c CONFIG <spec overrides> <variant overrides> train.seed=S train.max_iters=N
+   train.time_budget_min=0 [train.schedule=cosine] output.dir=RUN output.overwrite=true`` (an
+   iteration budget replaces a ``time_cosine`` schedule by the iteration cosine; the routing
+   report of a MoE model is written to ``RUN/routing``);
+2. ``damex evaluate`` of ``RUN/last.pth`` on each of ``eval_splits`` (``data.test_split=val`` ...),
+   into ``RUN/eval_<split>`` (results + detections);
+3. one JSON line appended to ``OUT/results.jsonl``: identity (variant, seed, config hash, git
+   commit), budget, iterations, training seconds and iteration rate, per-dataset COCO AP / AP50
+   (and UODB's VOC AP50 where the evaluation reports it) per split, and the order-independent
+   routing metrics of the test split (``damex.moe.stats``).
+
+A run is finished when its line is in ``results.jsonl``: a resumed runner skips it, and so does
+another spec with the same output folder, variant name, seed and resolved config (shared
+baselines run once). A run that was
+cut short (killed runner) leaves no line and starts again from scratch. Runs go seed-major
+(seed 0 of every variant, then seed 1, ...), so a spec stopped halfway still compares the
+variants on the same seeds. ``OUT/runner.lock`` holds the runner's pid: a second runner on the
+same folder is refused while the first is alive.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from damex.errors import ConfigError, DamexError
+from damex.experiments.spec import ExperimentSpec, Variant
+
+__all__ = [
+    "PlannedRun",
+    "RunFailed",
+    "plan_runs",
+    "run_experiments",
+    "read_results",
+    "collect_run",
+]
+
+logger = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+FAILURES = "failures.jsonl"
+_LOCK = "runner.lock"
+
+
+class RunFailed(DamexError, RuntimeError):
+    """A training or evaluation subprocess of a run exited with an error."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One (variant, seed) run of a spec.
+
+    Attributes:
+        variant: the variant.
+        seed: ``train.seed``.
+        run_dir: ``OUT/runs/<variant>/seed<seed>``.
+        overrides: every ``key=value`` given to ``damex train`` (spec, variant, budget, seed,
+            output), in that order (later wins).
+        config_hash: sha256 (12 hex) of the resolved config without ``output`` and
+            ``train.seed``: equal for the seeds of one variant, changed by any edit that
+            changes what is trained (a resumed spec re-runs an edited variant).
+    """
+
+    variant: Variant
+    seed: int
+    run_dir: Path
+    overrides: tuple[str, ...]
+    config_hash: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant.name}/seed{self.seed}/{self.config_hash}"
+
+    def train_command(self, python: str = sys.executable) -> list[str]:
+        return [python, "-m", "damex.cli", "train", "-c", str(self.variant.config), *self.overrides]
+
+    def eval_command(self, split: str, python: str = sys.executable) -> list[str]:
+        return [
+            python,
+            "-m",
+            "damex.cli",
+            "evaluate",
+            "-c",
+            str(self.variant.config),
+            "--checkpoint",
+            str(self.run_dir / "last.pth"),
+            "--out",
+            str(self.run_dir / f"eval_{split}"),
+            *self.overrides,
+            f"data.test_split={split}",
+        ]
+
+
+def _budget_overrides(spec: ExperimentSpec, schedule: str, log_every: int) -> list[str]:
+    b = spec.budget
+    if b.minutes > 0:
+        return [f"train.time_budget_min={b.minutes}", f"train.max_iters={b.iterations}"]
+    out = [f"train.max_iters={b.iterations}", "train.time_budget_min=0"]
+    if schedule == "time_cosine":  # a clock schedule without a clock budget: the same cosine
+        out.append("train.schedule=cosine")  # over the iterations
+    # the last training record must be the last iteration: its 'time' is the training time
+    out.append(f"train.log_every={math.gcd(b.iterations, max(log_every, 1))}")
+    return out
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    """sha256 (12 hex digits) of a resolved config dict without ``output`` and ``train.seed``."""
+    data = json.loads(json.dumps(resolved, default=str))
+    data.pop("output", None)
+    data.get("train", {}).pop("seed", None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def plan_runs(spec: ExperimentSpec) -> list[PlannedRun]:
+    """Every run of ``spec``, seed-major; configs are loaded and validated here (errors early)."""
+    from damex.config import config_to_dict, load_config
+
+    runs: list[PlannedRun] = []
+    for seed in spec.seeds:
+        for variant in spec.variants:
+            user = [*spec.overrides, *variant.overrides]
+            try:
+                cfg = load_config(variant.config, user)
+            except DamexError as err:
+                raise ConfigError(f"{spec.source}: variant {variant.name!r}: {err}") from None
+            run_dir = spec.output / "runs" / variant.name / f"seed{seed}"
+            overrides = (
+                *user,
+                *_budget_overrides(spec, cfg.train.schedule, cfg.train.log_every),
+                f"train.seed={seed}",
+                f"output.dir={run_dir}",
+                "output.overwrite=true",
+                "output.tensorboard=false",
+            )
+            resolved = config_to_dict(load_config(variant.config, list(overrides)))
+            runs.append(PlannedRun(variant, seed, run_dir, overrides, config_hash(resolved)))
+    return runs
+
+
+def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a ``results.jsonl``; a torn last line (killed mid-write) is skipped."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    lines = p.read_text(encoding="utf-8").splitlines()
+    out: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                logger.warning("%s: skipping the torn last line %d (%s)", p, i + 1, err)
+                continue
+            raise ConfigError(f"{p}, line {i + 1}: not JSON: {err}") from None
+    return out
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line in a single write (after a torn line, start a new line first)."""
+    data = json.dumps(record, sort_keys=True) + "\n"
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = "\n" + data
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _git_state() -> dict[str, Any]:
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+
+
+def _subprocess(cmd: list[str], log: Path, what: str) -> float:
+    """Run ``cmd`` with stdout+stderr to ``log``; returns its wall seconds."""
+    env = dict(os.environ)
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        raise RunFailed(f"{what} exited with {rc} (log {log}):\n" + "\n".join(tail))
+    return wall
+
+
+def _split_metrics(results_json: Path) -> dict[str, Any]:
+    data = json.loads(results_json.read_text(encoding="utf-8"))
+    datasets = {}
+    for name, m in data["datasets"].items():
+        entry = {
+            "AP": m["ap"],
+            "AP50": m["ap50"],
+            "foreign_share": m.get("foreign_share"),
+            "num_images": m.get("num_images"),
+        }
+        if "voc_ap50" in m:
+            entry["VOC_AP50"] = m["voc_ap50"]
+        datasets[name] = entry
+    mean = {"AP": data["mean"]["AP"], "AP50": data["mean"]["AP50"]}
+    if "VOC_AP50" in data["mean"]:
+        mean["VOC_AP50"] = data["mean"]["VOC_AP50"]
+    return {"mean": mean, "datasets": datasets}
+
+
+def routing_record(routing_stats_json: Path) -> dict[str, Any]:
+    """Order-independent routing metrics per MoE layer from a routing report's summary."""
+    from damex.evaluation.routing import routing_accuracy
+    from damex.moe.stats import order_free_routing
+
+    data = json.loads(routing_stats_json.read_text(encoding="utf-8"))
+    names = list(data["datasets"])
+    emap = dict(data.get("expert_map") or {})
+    layers = []
+    for layer in data["layers"]:
+        free = order_free_routing(layer["counts"])
+        acc = routing_accuracy(layer["counts"], [emap.get(n) for n in names]) if emap else None
+        vals = [a for a in (acc or []) if a is not None]
+        layers.append(
+            {
+                "name": layer["name"],
+                "counts": layer["counts"],
+                "map_accuracy": sum(vals) / len(vals) if vals else None,
+                **free.to_dict(),
+            }
+        )
+
+    def _mean(key: str) -> float | None:
+        vals = [la[key] for la in layers if la[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "datasets": names,
+        "expert_map": emap,
+        "tokens": data.get("tokens"),
+        "layers": layers,
+        "map_accuracy": _mean("map_accuracy"),
+        "best_accuracy": _mean("best_accuracy"),
+        "nmi": _mean("nmi"),
+        "mean_routing_entropy": _mean("mean_routing_entropy"),
+        "min_active_experts": min(la["active_experts"] for la in layers) if layers else None,
+    }
+
+
+def _train_timing(run_dir: Path) -> dict[str, Any]:
+    """Iterations and training seconds from the run's ``metrics.jsonl``."""
+    iters, train_s, stop_iter = 0, None, None
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == "train":
+            iters, train_s = int(rec["iter"]), float(rec["time"])
+        elif rec.get("type") == "eval" and rec.get("final"):
+            stop_iter = int(rec["iter"])
+    if train_s is None:
+        raise RunFailed(f"{path}: no training record")
+    return {
+        "iterations": stop_iter if stop_iter is not None else iters,
+        "train_s": train_s,
+        "it_s": iters / train_s if train_s > 0 else None,
+    }
+
+
+def collect_run(spec: ExperimentSpec, run: PlannedRun, walls: dict[str, float]) -> dict[str, Any]:
+    """The ``results.jsonl`` record of a finished run (reads its files)."""
+    rec: dict[str, Any] = {
+        "spec": spec.name,
+        "variant": run.variant.name,
+        "seed": run.seed,
+        "config_hash": run.config_hash,
+        "key": run.key,
+        "config": str(run.variant.config),
+        "overrides": list(run.overrides),
+        "budget": {"iterations": spec.budget.iterations, "minutes": spec.budget.minutes},
+        "run_dir": str(run.run_dir),
+        **_git_state(),
+        **_train_timing(run.run_dir),
+        "wall_s": walls,
+        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "metrics": {
+            s: _split_metrics(run.run_dir / f"eval_{s}" / "results.json") for s in spec.eval_splits
+        },
+    }
+    stats = run.run_dir / "routing" / "routing_stats.json"
+    rec["routing"] = routing_record(stats) if stats.is_file() else None
+    return rec
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_lock(out: Path) -> Path:
+    lock = out / _LOCK
+    if lock.is_file():
+        try:
+            pid = int(lock.read_text().split()[0])
+        except (ValueError, IndexError):
+            pid = -1
+        if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+            raise ConfigError(
+                f"another experiment runner (pid {pid}) is using {out}; stop it first "
+                f"(or delete {lock} if that pid is not a runner)"
+            )
+    lock.write_text(f"{os.getpid()}\n")
+    return lock
+
+
+def run_experiments(
+    spec: ExperimentSpec,
+    *,
+    max_runs: int | None = None,
+    only: list[str] | None = None,
+    dry_run: bool = False,
+    python: str = sys.executable,
+) -> list[dict[str, Any]]:
+    """Run the spec's unfinished runs one after another, then write the summary.
+
+    Args:
+        spec: the experiment spec.
+        max_runs: stop after this many new runs (run a long spec in pieces).
+        only: run only these variants (the summary still covers all finished runs).
+        dry_run: print the commands of the unfinished runs, run nothing.
+        python: interpreter for the ``damex`` subprocesses.
+
+    Returns:
+        All records of ``results.jsonl`` (finished runs of this and earlier invocations).
+    """
+    from damex.experiments.summary import write_summary
+
+    runs = plan_runs(spec)
+    if only:
+        unknown = sorted(set(only) - {v.name for v in spec.variants})
+        if unknown:
+            raise ConfigError(f"--only: unknown variant(s) {unknown}")
+        runs = [r for r in runs if r.variant.name in only]
+    keys = {r.key for r in runs}
+    out = spec.output
+    results_path = out / RESULTS
+    done = {r.get("key") for r in read_results(results_path)}
+    todo = [r for r in runs if r.key not in done]
+    logger.info(
+        "experiment %s: %d runs, %d finished, %d to run -> %s",
+        spec.name,
+        len(runs),
+        len(runs) - len(todo),
+        len(todo),
+        out,
+    )
+    if dry_run:
+        for r in todo:
+            print(" ".join(r.train_command(python)))
+            for s in spec.eval_splits:
+                print(" ".join(r.eval_command(s, python)))
+        return read_results(results_path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{spec.name}.spec.yaml").write_text(
+        yaml.safe_dump(_spec_record(spec), sort_keys=False), encoding="utf-8"
+    )
+    lock = _take_lock(out)
+    try:
+        for n, run in enumerate(todo):
+            if max_runs is not None and n >= max_runs:
+                logger.info("stopping after %d runs (--max-runs)", max_runs)
+                break
+            logger.info("[%d/%d] %s", n + 1, len(todo), run.key)
+            if run.run_dir.exists():  # a run cut short: start it again from scratch
+                shutil.rmtree(run.run_dir)
+            run.run_dir.mkdir(parents=True)
+            try:
+                walls = {
+                    "train": _subprocess(
+                        run.train_command(python), run.run_dir / "train.log", f"train {run.key}"
+                    )
+                }
+                for s in spec.eval_splits:
+                    walls[f"eval_{s}"] = _subprocess(
+                        run.eval_command(s, python),
+                        run.run_dir / f"eval_{s}.log",
+                        f"evaluate {run.key} on {s}",
+                    )
+                record = collect_run(spec, run, walls)
+            except (RunFailed, OSError, KeyError, ValueError) as err:
+                logger.error("run %s failed: %s", run.key, err)
+                _append_line(
+                    out / FAILURES,
+                    {
+                        "key": run.key,
+                        "error": str(err),
+                        "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                    },
+                )
+                continue
+            _append_line(results_path, record)
+            logger.info(
+                "%s: test AP50 %.3f, %d iterations in %.0f s",
+                run.key,
+                record["metrics"].get("test", record["metrics"][spec.eval_splits[-1]])["mean"][
+                    "AP50"
+                ],
+                record["iterations"],
+                record["train_s"],
+            )
+            write_summary(spec, read_results(results_path), keys=keys)
+    finally:
+        lock.unlink(missing_ok=True)
+    records = read_results(results_path)
+    write_summary(spec, records, keys=keys)
+    return records
+
+
+def _spec_record(spec: ExperimentSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "output": str(spec.output),
+        "baseline": spec.baseline,
+        "seeds": list(spec.seeds),
+        "budget": {"iterations": spec.budget.iterations, "minutes": spec.budget.minutes},
+        "eval_splits": list(spec.eval_splits),
+        "overrides": list(spec.overrides),
+        "variants": [
+            {"name": v.name, "config": str(v.config), "overrides": list(v.overrides)}
+            for v in spec.variants
+        ],
+    }
