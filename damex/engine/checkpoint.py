@@ -8,7 +8,13 @@ offending key; the write goes to a temporary file in the same directory, is fsyn
 the previous checkpoint survives.
 
 Run layout (``checkpoint_paths``): ``last.pth`` (every epoch and at the end), ``best.pth`` (best
-mean AP), ``epoch_XXXX.pth`` (every ``train.checkpoint_every`` epochs).
+mean AP), ``epoch_XXXX.pth`` (every ``train.checkpoint_every`` epochs), ``last.prev.pth`` (the
+``last.pth`` before the latest one, kept by ``save_checkpoint(..., keep_previous=True)``).
+
+Torch checkpoints are zip archives with a CRC per entry; :func:`load_checkpoint` checks every
+CRC first, because ``torch.load`` itself accepts a file whose tensor bytes were damaged and
+returns wrong weights without a word. A truncated or damaged file is a :class:`CheckpointError`
+naming it; :func:`load_checkpoint_with_fallback` then reads ``last.prev.pth`` instead.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,9 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "save_checkpoint",
     "load_checkpoint",
+    "load_checkpoint_with_fallback",
+    "verify_checkpoint_file",
+    "previous_path",
     "check_plain",
     "require_keys",
     "load_model_state",
@@ -60,6 +71,12 @@ def best_path(output_dir: str | os.PathLike[str]) -> Path:
 def epoch_path(output_dir: str | os.PathLike[str], epoch: int) -> Path:
     """``<output_dir>/epoch_XXXX.pth`` for a 1-based completed epoch count."""
     return Path(output_dir) / f"epoch_{epoch:04d}.pth"
+
+
+def previous_path(path: str | os.PathLike[str]) -> Path:
+    """The previous good checkpoint kept beside ``path``: ``last.pth`` -> ``last.prev.pth``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def check_plain(obj: Any, key: str = "<root>") -> None:
@@ -114,12 +131,62 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+def _rotate_previous(path: Path) -> None:
+    """Keep the checkpoint now at ``path`` as :func:`previous_path` (atomically, by hard link).
+
+    ``path`` itself stays in place (the new checkpoint replaces it afterwards), so at every
+    moment both names hold a complete file. A ``path`` that fails its CRC check is not kept:
+    the previous good one stays.
+    """
+    prev = previous_path(path)
+    try:
+        verify_checkpoint_file(path)
+    except CheckpointError as e:
+        logger.warning("not keeping %s as %s: %s", path, prev.name, e)
+        return
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{prev.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)
+        except OSError:  # no hard links on this file system
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, prev)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _ErrorRecordingWriter:
+    """Passes writes to a file and keeps the ``OSError`` of a failed one (e.g. ENOSPC)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], state: Mapping[str, Any], *, keep_previous: bool = False
+) -> Path:
     """Atomically write ``state`` to ``path`` (tmp file in the same dir, fsync, ``os.replace``).
 
     Args:
         path: destination file; its directory is created if missing.
         state: a mapping of plain values (see :func:`check_plain`).
+        keep_previous: once the new file is written completely, keep the checkpoint it
+            replaces as :func:`previous_path` (``last.prev.pth``), the fallback of
+            :func:`load_checkpoint_with_fallback`.
 
     Returns:
         The destination path.
@@ -139,16 +206,25 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
     tmp = Path(tmp_name)
+    writer: _ErrorRecordingWriter | None = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
+            writer = _ErrorRecordingWriter(f)
+            torch.save(dict(state), writer)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            _rotate_previous(path)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, Exception):
-            raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
+            # torch.save reports a failed write as "unexpected pos ..."; name the OS error
+            cause = writer.error if writer is not None and writer.error is not None else e
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {cause} (the previous {path.name}, if any, is "
+                "unchanged)"
+            ) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -174,6 +250,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    verify_checkpoint_file(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -185,6 +262,77 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} holds {type(state).__name__}, expected a dict")
     require_keys(state, required_keys, path=path)
     return state
+
+
+def verify_checkpoint_file(path: str | os.PathLike[str]) -> None:
+    """Check a checkpoint file's integrity: its zip index and every entry's CRC-32.
+
+    Legacy (non-zip, pickle) checkpoints are left to ``torch.load``.
+
+    Raises:
+        CheckpointError: truncated (no zip index), damaged (an entry fails its CRC) or
+            unreadable; the message names the file and its size.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes); expected a torch .pth")
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"\x80\x02":  # legacy pickle-based torch.save format
+            return
+        try:
+            zf = zipfile.ZipFile(path)
+        except zipfile.BadZipFile:
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or not a torch checkpoint ({size} bytes, no "
+                "complete zip index); expected a file written by torch.save"
+            ) from None
+        with zf:
+            bad = zf.testzip()
+    except zipfile.BadZipFile as e:  # a damaged entry header
+        raise CheckpointError(f"checkpoint {path} is corrupt ({size} bytes): {e}") from None
+    except (OSError, EOFError, ValueError) as e:  # zlib / struct errors on a damaged index
+        raise CheckpointError(f"checkpoint {path} is unreadable ({size} bytes): {e}") from None
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: entry {bad!r} fails its CRC check ({size} bytes)"
+        )
+
+
+def load_checkpoint_with_fallback(
+    path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device = "cpu",
+    required_keys: Iterable[str] = (),
+) -> tuple[dict[str, Any], Path]:
+    """:func:`load_checkpoint`, falling back to :func:`previous_path` when ``path`` is unusable.
+
+    ``path`` missing, truncated, corrupt or lacking a required key: the previous good checkpoint
+    (``last.prev.pth``) is loaded instead, with a warning that names both files.
+
+    Returns:
+        The state and the file it came from.
+
+    Raises:
+        CheckpointError: ``path`` is unusable and there is no usable previous checkpoint (the
+            message gives both reasons).
+    """
+    path = Path(path)
+    prev = previous_path(path)
+    try:
+        return load_checkpoint(path, map_location=map_location, required_keys=required_keys), path
+    except CheckpointError as e:
+        if not prev.is_file():
+            raise CheckpointError(f"{e} (and there is no previous checkpoint {prev})") from None
+        first = e
+    try:
+        state = load_checkpoint(prev, map_location=map_location, required_keys=required_keys)
+    except CheckpointError as e:
+        raise CheckpointError(f"{first}; the previous checkpoint is unusable too: {e}") from None
+    logger.warning("%s; falling back to the previous good checkpoint %s", first, prev)
+    return state, prev
 
 
 def require_keys(
