@@ -247,6 +247,10 @@ class SetCriterion(nn.Module):
         balance_tokens: tokens of a balance loss (official DINO-MoE: ``foreground``).
         z_loss_weight: weight of the router z-loss (all tokens; 0 disables).
         gate_noise: the router's training noise scale (load+importance loss uses it).
+        moe_schedule: MoE loss weight over training (``damex.moe.losses.scheduled_weight``:
+            ``constant``, ``ramp`` or ``decay``); the trainer calls :meth:`set_progress`.
+        moe_ramp_frac: ramp length (fraction of training).
+        moe_weight_final: the decay's end weight.
     """
 
     def __init__(
@@ -273,8 +277,15 @@ class SetCriterion(nn.Module):
         balance_tokens: str = "foreground",
         z_loss_weight: float = 0.0,
         gate_noise: float = 1.0,
+        moe_schedule: str = "constant",
+        moe_ramp_frac: float = 0.25,
+        moe_weight_final: float = 0.1,
     ) -> None:
         super().__init__()
+        from damex.moe.losses import scheduled_weight
+
+        scheduled_weight(moe_weight, moe_schedule, 0.0, ramp_frac=moe_ramp_frac,
+                         final=moe_weight_final)  # validates  # fmt: skip
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if moe_loss not in MOE_LOSSES:
@@ -312,7 +323,13 @@ class SetCriterion(nn.Module):
         self.dense_weight = float(dense_weight)
         self.dense_center_radius = float(dense_center_radius)
         self.moe_loss = moe_loss
-        self.moe_weight = float(moe_weight)
+        self.moe_weight = float(moe_weight)  # current weight (moe_weight_base x schedule)
+        self.moe_weight_base = float(moe_weight)
+        self.moe_schedule = moe_schedule
+        self.moe_ramp_frac = float(moe_ramp_frac)
+        self.moe_weight_final = float(moe_weight_final)
+        if moe_schedule != "constant":
+            self.set_progress(0.0)
         self.damex_tokens = damex_tokens
         self.damex_logits = damex_logits
         self.balance_tokens = balance_tokens
@@ -321,6 +338,19 @@ class SetCriterion(nn.Module):
         self._warned_no_routing = False
 
     # ---------------------------------------------------------------- public helpers
+    def set_progress(self, progress: float) -> float:
+        """Set the MoE loss weight for ``progress`` (fraction of training done); returns it."""
+        from damex.moe.losses import scheduled_weight
+
+        self.moe_weight = scheduled_weight(
+            self.moe_weight_base,
+            self.moe_schedule,
+            progress,
+            ramp_frac=self.moe_ramp_frac,
+            final=self.moe_weight_final,
+        )
+        return self.moe_weight
+
     def weight_of(self, key: str) -> float:
         """The factor a ``loss_*`` key was multiplied by (unweighted value = value / factor)."""
         name = key.removeprefix("loss_")

@@ -7,6 +7,7 @@
 * :func:`switch_loss` - GShard / Switch: ``E * sum_e f_e * m_e``.
 * :func:`router_z_loss` - ST-MoE (Zoph et al., 2022): ``mean_t logsumexp(z_t)^2``.
 * :func:`moe_loss` - the by-name dispatcher the detector's criterion calls.
+* :func:`scheduled_weight` - the MoE loss weight over training (constant, ramp or decay).
 
 Token selection: every function takes an optional ``token_mask`` (``bool [T]``) per layer.
 Which image (hence which dataset) a token comes from is read from ``info.token_image``, never
@@ -26,10 +27,12 @@ from damex.moe.types import RoutingInfo
 
 __all__ = [
     "MOE_LOSSES",
+    "WEIGHT_SCHEDULES",
     "damex_loss",
     "load_importance_loss",
     "moe_loss",
     "router_z_loss",
+    "scheduled_weight",
     "switch_loss",
 ]
 
@@ -41,6 +44,8 @@ MOE_LOSSES = (
     "z_loss",
     "none",
 )
+
+WEIGHT_SCHEDULES = ("constant", "ramp", "decay")
 
 _EPS = 1e-10  # tutel's epsilon in the squared coefficient of variation
 
@@ -276,3 +281,40 @@ def moe_loss(
         else:
             values.append(router_z_loss(info, mask))
     return torch.stack(values).mean()
+
+
+def scheduled_weight(
+    weight: float,
+    schedule: str,
+    progress: float,
+    *,
+    ramp_frac: float = 0.25,
+    final: float = 0.1,
+) -> float:
+    """The MoE loss weight at a point of training.
+
+    Args:
+        weight: the configured weight ``w`` (``moe.loss_weight``).
+        schedule: ``"constant"`` (``w`` throughout), ``"ramp"`` (linear ``0 -> w`` over the
+            first ``ramp_frac`` of training, then ``w``: the router is supervised once the
+            detector has started to learn) or ``"decay"`` (linear ``w -> final`` over training:
+            route early, then let the detection loss dominate).
+        progress: fraction of training done, clipped to ``[0, 1]``.
+        ramp_frac: ramp length as a fraction of training (``> 0``).
+        final: the decay's end weight.
+
+    Returns:
+        The weight (a float >= 0).
+    """
+    if schedule not in WEIGHT_SCHEDULES:
+        raise ValueError(f"MoE loss schedule must be one of {WEIGHT_SCHEDULES}, got {schedule!r}")
+    if not ramp_frac > 0:
+        raise ValueError(f"ramp_frac must be > 0, got {ramp_frac}")
+    if final < 0:
+        raise ValueError(f"final weight must be >= 0, got {final}")
+    p = min(1.0, max(0.0, float(progress)))
+    if schedule == "ramp":
+        return weight * min(1.0, p / ramp_frac)
+    if schedule == "decay":
+        return weight + (final - weight) * p
+    return weight

@@ -111,3 +111,34 @@ def test_post_norm_block_output_is_normalized() -> None:
     nn.init.ones_(block.norm.weight)
     y, _ = block(torch.randn(2, 4, 8) * 10)
     torch.testing.assert_close(y.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
+
+
+def test_loss_weight_schedules() -> None:
+    from damex.moe.losses import scheduled_weight
+
+    assert [scheduled_weight(1.0, "constant", p) for p in (0, 0.5, 1)] == [1.0, 1.0, 1.0]
+    ramp = [scheduled_weight(2.0, "ramp", p, ramp_frac=0.25) for p in (0, 0.125, 0.25, 0.9)]
+    assert ramp == [0.0, 1.0, 2.0, 2.0]
+    decay = [scheduled_weight(1.0, "decay", p, final=0.2) for p in (0, 0.5, 1, 1.5)]
+    assert decay == pytest.approx([1.0, 0.6, 0.2, 0.2])
+    with pytest.raises(ValueError, match="schedule"):
+        scheduled_weight(1.0, "cosine", 0.5)
+    with pytest.raises(ValueError, match="ramp_frac"):
+        scheduled_weight(1.0, "ramp", 0.5, ramp_frac=0.0)
+
+
+def test_criterion_applies_the_schedule_to_the_moe_term() -> None:
+    from damex.modeling.criterion import SetCriterion
+    from damex.modeling.matcher import HungarianMatcher
+
+    crit = SetCriterion(
+        num_classes=3, matcher=HungarianMatcher(), moe_weight=1.0, moe_schedule="ramp",
+        moe_ramp_frac=0.5,
+    )  # fmt: skip
+    assert crit.moe_weight == 0.0 and crit.weight_of("loss_moe") == 0.0
+    assert crit.set_progress(0.25) == 0.5 and crit.weight_of("loss_moe") == 0.5
+    assert crit.set_progress(1.0) == 1.0
+    const = SetCriterion(num_classes=3, matcher=HungarianMatcher(), moe_weight=0.3)
+    assert const.set_progress(0.7) == 0.3
+    with pytest.raises(ValueError, match="schedule"):
+        SetCriterion(num_classes=3, matcher=HungarianMatcher(), moe_schedule="step")
