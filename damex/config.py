@@ -1,11 +1,17 @@
 """Typed configuration schema, YAML loading with ``_base_`` inheritance, overrides, validation.
 
-The schema is the dataclasses below; YAML files under ``configs/`` set a subset of the fields
-and may name one or more ``_base_`` files (paths relative to the file). Command-line
-``key=value`` overrides (OmegaConf dotlist syntax, e.g. ``train.lr=2e-4 moe.num_experts=4``)
-are applied last. ``load_config`` returns an immutable ``Config`` and raises ``ConfigError``
-naming the file and key for any unknown key (with the closest valid one), wrong type,
-out-of-range value or inconsistent dataset -> expert map.
+The schema is the frozen dataclasses below; OmegaConf (structured configs) merges the YAML files
+into it, applies the command-line ``key=value`` overrides (its dotlist syntax, e.g.
+``train.lr=2e-4 moe.num_experts=4``) and rejects unknown keys and wrong types. A YAML file
+sets a subset of the fields and may name one or more ``_base_`` files (paths relative to the
+file); the files are merged in order (a base before the file naming it). Mappings merge key by
+key and lists are replaced; ``_replace_: [moe.expert_map, data.datasets]`` makes the listed
+keys of a file replace what its bases set instead of merging with it.
+
+Every closed set of choices is declared once, here, as a ``Literal`` type; other modules import
+it (``typing.get_args`` gives the tuple). ``load_config`` returns a read-only ``Config``
+(frozen dataclasses: change a copy with ``dataclasses.replace`` or ``with_overrides``) and
+raises ``ConfigError`` naming the file (the one that set the key, where known) and the key.
 """
 
 from __future__ import annotations
@@ -13,15 +19,17 @@ from __future__ import annotations
 import difflib
 import os
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
+    GrammarParseError,
     OmegaConfBaseException,
     ValidationError,
 )
@@ -29,6 +37,21 @@ from omegaconf.errors import (
 from damex.errors import ConfigError
 
 __all__ = [
+    "Activation",
+    "AmpMode",
+    "BadSamplePolicy",
+    "CapacityGroup",
+    "DeviceKind",
+    "FFNKind",
+    "LabelPolicy",
+    "LogitsSource",
+    "MoELoss",
+    "OutOfBoundsPolicy",
+    "RouterKind",
+    "SamplerMode",
+    "Schedule",
+    "TokenSelection",
+    "choices",
     "BackboneConfig",
     "DatasetEntry",
     "DataConfig",
@@ -42,17 +65,41 @@ __all__ = [
     "EvalConfig",
     "OutputConfig",
     "Config",
+    "ConfigError",
     "load_config",
     "config_from_dict",
+    "with_overrides",
     "config_to_yaml",
     "save_config",
     "default_config_path",
     "config_to_dict",
 ]
 
+# ----------------------------------------------------------------------------------- choices
+# The one declaration of every closed set of string options (see ``choices``).
+LabelPolicy = Literal["disjoint", "merged"]
+SamplerMode = Literal["proportional", "uniform", "temperature", "repeat_factor"]
+OutOfBoundsPolicy = Literal["clip", "error"]  # a box partly outside its image
+BadSamplePolicy = Literal["error", "skip"]  # an unreadable image or annotation
+FFNKind = Literal["dense", "moe"]  # a decoder layer's FFN
+CapacityGroup = Literal["image", "batch"]  # tokens sharing an expert's capacity
+RouterKind = Literal["linear", "cosine"]
+Activation = Literal["gelu", "relu"]
+MoELoss = Literal["damex", "load_importance", "load_importance_corrected", "switch", "none"]
+TokenSelection = Literal["all", "matching_only", "foreground", "exclude_dn"]  # decoder tokens
+LogitsSource = Literal["clean", "noisy"]  # router logits before / after the training noise
+Schedule = Literal["step", "multistep", "cosine", "time_cosine"]
+AmpMode = Literal["none", "bf16", "fp16"]
+DeviceKind = Literal["auto", "cpu", "cuda"]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a choice type, e.g. ``choices(SamplerMode) == ("proportional", ...)``."""
+    return typing.get_args(literal)
+
 
 # ----------------------------------------------------------------------------------- schema
-@dataclass
+@dataclass(frozen=True)
 class DatasetEntry:
     """A dataset defined (or a built-in catalog entry overridden) in the config.
 
@@ -74,7 +121,7 @@ class DatasetEntry:
     max_size: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SyntheticConfig:
     """The built-in multi-domain benchmark (``damex.data.synthetic``)."""
 
@@ -84,7 +131,7 @@ class SyntheticConfig:
     scale: float = 1.0  # multiplies every dataset's image counts
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     root: str = "data"
     train: list[str] = field(default_factory=list)  # ordered dataset names for training
@@ -93,9 +140,9 @@ class DataConfig:
     test_split: str = "test"
     datasets: dict[str, DatasetEntry] = field(default_factory=dict)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    label_policy: str = "disjoint"  # disjoint | merged
+    label_policy: LabelPolicy = "disjoint"
     # sampling over datasets (spec §4.4)
-    sampler: str = "proportional"  # proportional | uniform | temperature | repeat_factor
+    sampler: SamplerMode = "proportional"
     temperature: float = 2.0
     repeat_threshold: float = 0.001
     homogeneous_batches: bool = False
@@ -111,12 +158,12 @@ class DataConfig:
     hflip: bool = True
     per_dataset_scales: bool = False  # official joint training ignores them (spec Q7)
     # bad input
-    out_of_bounds: str = "clip"  # clip | error
-    on_bad_sample: str = "error"  # error | skip
+    out_of_bounds: OutOfBoundsPolicy = "clip"
+    on_bad_sample: BadSamplePolicy = "error"
     num_workers: int = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackboneConfig:
     name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | timm:<name>
     weights: str | None = None  # local file; never downloaded
@@ -125,7 +172,7 @@ class BackboneConfig:
     return_strides: list[int] = field(default_factory=lambda: [8, 16, 32])
 
 
-@dataclass
+@dataclass(frozen=True)
 class DNConfig:
     enabled: bool = True
     number: int = 100
@@ -133,7 +180,7 @@ class DNConfig:
     box_noise_scale: float = 1.0  # DAMEX config value; DINO uses 0.4
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     class_weight: float = 1.0
     bbox_weight: float = 5.0
@@ -147,7 +194,7 @@ class LossConfig:
     interm_weight: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class AcceleratorConfig:
     """Training-only convergence accelerators (zero inference cost)."""
 
@@ -160,7 +207,7 @@ class AcceleratorConfig:
     dense_head_queries: int = 0  # positives fed to the decoder as extra queries (0 = loss only)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     d_model: int = 256
@@ -175,7 +222,7 @@ class ModelConfig:
     num_queries: int = 900
     two_stage: bool = True
     pe_temperature: int = 20
-    decoder_ffn: list[str] = field(default_factory=lambda: ["dense"] * 6)  # dense | moe per layer
+    decoder_ffn: list[FFNKind] = field(default_factory=lambda: ["dense"] * 6)  # one per layer
     dn: DNConfig = field(default_factory=DNConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     accel: AcceleratorConfig = field(default_factory=AcceleratorConfig)
@@ -183,31 +230,33 @@ class ModelConfig:
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig:
     num_experts: int = 8
     top_k: int = 1
     capacity_factor: float = 1.25  # 0 = no drop; < 0 = dynamic capped at |cf|
-    capacity_group: str = "image"  # image | batch
+    capacity_group: CapacityGroup = "image"
     gate_noise: float = 1.0
-    router: str = "linear"  # linear | cosine
-    activation: str = "gelu"
+    router: RouterKind = "linear"
+    activation: Activation = "gelu"
     dropout: float = 0.0
     drop_path: float = 0.2
     fc2_bias: bool = True
     normalize_gate: bool = False
     # losses
-    loss: str = "damex"  # damex | load_importance | load_importance_corrected | switch | none
+    loss: MoELoss = "damex"
     loss_weight: float = 0.1
-    damex_tokens: str = "all"  # all | matching_only | foreground | exclude_dn
-    damex_logits: str = "clean"  # clean | noisy
-    balance_tokens: str = "foreground"  # all | matching_only | foreground | exclude_dn
+    damex_tokens: TokenSelection = "all"
+    damex_logits: LogitsSource = "clean"
+    balance_tokens: TokenSelection = "foreground"
     z_loss_weight: float = 0.0
-    expert_map: dict[str, int] = field(default_factory=dict)  # dataset name -> expert id
+    # dataset name -> expert id, or "auto" (computed from the data before training). Typed Any
+    # because OmegaConf cannot type a union of a mapping and a string; _validate checks it.
+    expert_map: Any = field(default_factory=dict)
     expert_parallel: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 36
     max_iters: int = 0  # > 0 caps the number of optimizer steps
@@ -218,12 +267,12 @@ class TrainConfig:
     lr_linear_proj_mult: float = 1.0  # 0.1 in DINO's config but the 'default' groups ignore it
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
-    schedule: str = "step"  # step | multistep | cosine | time_cosine
+    schedule: Schedule = "step"
     lr_drop: int = 11  # step: decay every lr_drop epochs (official; spec Q8)
     milestones: list[int] = field(default_factory=lambda: [33])
     gamma: float = 0.1
     warmup_iters: int = 0
-    amp: str = "none"  # none | bf16 | fp16
+    amp: AmpMode = "none"
     ema: bool = False
     ema_decay: float = 0.9997
     grad_accum: int = 1
@@ -232,28 +281,28 @@ class TrainConfig:
     checkpoint_every: int = 4  # epochs; 0 = only last/best
     log_every: int = 10  # iterations
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
-    device: str = "auto"  # auto | cpu | cuda
+    device: DeviceKind = "auto"
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     datasets: list[str] = field(default_factory=list)  # default: data.test or data.train
     batch_size: int = 1
     num_select: int = 300
     restrict_to_dataset_labels: bool = False  # oracle: uses the dataset id; reported separately
     max_images: int = 0  # > 0 caps images per dataset (quick checks)
-    routing_tokens: str = "matching_only"  # for routing statistics / heatmaps
+    routing_tokens: TokenSelection = "matching_only"  # for routing statistics / heatmaps
     report_images: int = 4  # per-dataset overlays in the routing report
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/default"
     tensorboard: bool = True
     overwrite: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -271,31 +320,95 @@ class Config:
         return list(self.eval.datasets or self.data.test or self.data.train)
 
 
-# ----------------------------------------------------------------------------- choices
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.label_policy": ("disjoint", "merged"),
-    "data.sampler": ("proportional", "uniform", "temperature", "repeat_factor"),
-    "data.out_of_bounds": ("clip", "error"),
-    "data.on_bad_sample": ("error", "skip"),
-    "moe.capacity_group": ("image", "batch"),
-    "moe.router": ("linear", "cosine"),
-    "moe.activation": ("gelu", "relu"),
-    "moe.loss": ("damex", "load_importance", "load_importance_corrected", "switch", "none"),
-    "moe.damex_tokens": ("all", "matching_only", "foreground", "exclude_dn"),
-    "moe.damex_logits": ("clean", "noisy"),
-    "moe.balance_tokens": ("all", "matching_only", "foreground", "exclude_dn"),
-    "train.schedule": ("step", "multistep", "cosine", "time_cosine"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "eval.routing_tokens": ("all", "matching_only", "foreground", "exclude_dn"),
-}
-
 _REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPLACE_KEY = "_replace_"
+_BASE_KEY = "_base_"
+_COMMAND_LINE = "command line"
 
 
 def default_config_path() -> Path:
     """The config ``tools/train.py`` runs with no arguments: DAMEX on the built-in benchmark."""
     return _REPO_ROOT / "configs" / "synthetic" / "damex_small.yaml"
+
+
+# ----------------------------------------------------------------------------- schema lookup
+def _type_at(key: str) -> Any | None:
+    """The schema type at a dotted key (``data.datasets.x.splits``, ``model.decoder_ffn[1]``)."""
+    tp: Any = Config
+    for part in key.replace("[", ".[").split("."):
+        if not part:
+            continue
+        origin = typing.get_origin(tp)
+        if part.startswith("[") and origin is list:
+            tp = typing.get_args(tp)[0]
+        elif origin is dict:
+            tp = typing.get_args(tp)[1]
+        elif is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                return None
+            tp = hints[part]
+        else:
+            return None
+    return tp
+
+
+def _keys_under(prefix: str) -> list[str]:
+    """The valid dotted keys one level below ``prefix`` ('' = the top level)."""
+    tp = _type_at(prefix) if prefix else Config
+    if not is_dataclass(tp):
+        return []
+    return [f"{prefix}.{f.name}" if prefix else f.name for f in fields(tp)]
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    while parent and _type_at(parent) is None:  # the first known ancestor
+        parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+    valid = _keys_under(parent)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"{source}: unknown key '{key}'{hint}")
+
+
+def _choice_error(key: str, options: Sequence[str], value: Any, source: str) -> ConfigError:
+    close = difflib.get_close_matches(str(value), list(options), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{source}: '{key}' must be one of {list(options)}, got '{value}'{hint}")
+
+
+def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    """OmegaConf's error as one line naming the file and the key (with a suggestion)."""
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and " not in " in msg:
+        return _unknown_key(key, source)
+    tp = _type_at(key)
+    if isinstance(exc, ValidationError) and typing.get_origin(tp) is Literal:
+        return _choice_error(key, typing.get_args(tp), getattr(exc, "value", "?"), source)
+    return ConfigError(f"{source}: invalid value for '{key}': {msg}")
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    """``base`` with ``layer`` merged in; OmegaConf checks the keys and types."""
+    try:
+        merged = OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, source) from None
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def _leaf_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of the values a layer sets (mappings are walked, lists are leaves)."""
+    out = []
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out += _leaf_keys(value, f"{full}.")
+        else:
+            out.append(full)
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -322,140 +435,134 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``top`` wins; lists and scalars are replaced, not merged."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def _str_list(value: Any, what: str, path: Path) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(b, str) for b in items):
+        raise ConfigError(f"{path}: {what} must be a key or a list of keys, got {value!r}")
+    return items
 
 
-def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _file_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """The files of a config in merge order (each ``_base_`` before the file naming it)."""
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise ConfigError(f"_base_ cycle: {cycle}")
     data = _read_yaml(path)
-    bases = data.pop("_base_", [])
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
-    merged: dict[str, Any] = {}
-    for base in bases:
-        base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
+    layers: list[tuple[Path, dict[str, Any]]] = []
+    for base in _str_list(data.pop(_BASE_KEY, []), "_base_", path):
+        base_path = Path(base) if os.path.isabs(base) else path.parent / base
         if not base_path.exists():
             raise ConfigError(f"{path}: _base_ file not found: {base_path}")
-        merged = _deep_merge(merged, _load_with_bases(base_path, (*chain, path)))
-    _check_keys(data, Config, "", str(path))
-    return _deep_merge(merged, data)
+        layers += _file_layers(base_path, (*chain, path))
+    layers.append((path, data))
+    return layers
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
+def _has_key(data: Mapping[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
-def _dict_value_type(tp: Any) -> Any | None:
-    """For ``dict[str, X]`` return X, else None."""
-    if typing.get_origin(tp) is dict:
-        return typing.get_args(tp)[1]
-    return None
+def _clear(merged: DictConfig, key: str, path: Path) -> None:
+    """Empty ``key`` (a mapping or list) in ``merged`` so that the next layer replaces it."""
+    tp = _type_at(key)
+    empty: Any = [] if typing.get_origin(tp) is list else {}
+    if typing.get_origin(tp) not in (list, dict) and tp is not Any:
+        raise ConfigError(
+            f"{path}: {_REPLACE_KEY} names '{key}', which is a single value (always replaced); "
+            "list only mappings and lists"
+        )
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(merged, parent_key) if parent_key else merged
+    with read_write(parent):  # frozen dataclasses make every node read-only
+        parent[leaf] = empty
 
 
-def _check_keys(data: dict[str, Any], cls: type, prefix: str, source: str) -> None:
-    """Raise ConfigError for any key of ``data`` that is not a field of dataclass ``cls``."""
-    types = _field_types(cls)
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in types:
-            valid = [f"{prefix}{k}" for k in types]
-            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.6)
-            if close:
-                hint = f"; did you mean '{close[0]}'?"
-            else:
-                hint = f"; valid keys: {', '.join(valid)}"
-            raise ConfigError(f"{source}: unknown key '{full}'{hint}")
-        tp = types[key]
-        if is_dataclass(tp) and isinstance(value, dict):
-            _check_keys(value, tp, f"{full}.", source)
-        value_tp = _dict_value_type(tp)
-        if value_tp is not None and is_dataclass(value_tp) and isinstance(value, dict):
-            for name, entry in value.items():
-                if isinstance(entry, dict):
-                    _check_keys(entry, value_tp, f"{full}.{name}.", source)
+def _apply_layer(
+    merged: DictConfig, data: dict[str, Any], source: str, origin: dict[str, str]
+) -> DictConfig:
+    """Merge one file's (or the command line's) values; record which keys it set."""
+    merged = _merge(merged, data, source)
+    for key in _leaf_keys(data):
+        origin[key] = source
+    return merged
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"command line: override '{item}' must look like key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"command line: override '{item}' has an empty key")
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item:
+            raise ConfigError(f"{_COMMAND_LINE}: override '{item}' must look like key=value")
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"{_COMMAND_LINE}: override '{item}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"command line: cannot parse the value of '{key}': {exc}") from None
-    return key.split("."), value
-
-
-def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    """Validate a plain nested dict against the schema and return a ``Config``."""
-    _check_keys(data, Config, "", source)
-    schema = OmegaConf.structured(Config)
-    try:
-        merged = OmegaConf.merge(schema, OmegaConf.create(data))
-        cfg = OmegaConf.to_object(merged)
-    except (ValidationError, ConfigKeyError, ConfigAttributeError) as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        msg = str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: invalid value for '{key}': {msg}") from None
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
-    assert isinstance(cfg, Config)
-    _validate(cfg, source)
-    return cfg
+        dotlist = OmegaConf.from_dotlist([item.strip() for item in overrides])
+    except GrammarParseError as exc:
+        raise ConfigError(f"{_COMMAND_LINE}: cannot parse an override value: {exc}") from None
+    container = OmegaConf.to_container(dotlist)
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
 ) -> Config:
     """Load a YAML config (with ``_base_`` inheritance) and apply ``key=value`` overrides.
 
     Args:
         path: the YAML file; None = ``default_config_path()``.
-        overrides: OmegaConf-style dotlist, e.g. ``["train.lr=2e-4", "data.train=[a,b]"]``.
-            Values are parsed as YAML.
+        overrides: OmegaConf dotlist, e.g. ``["train.lr=2e-4", "data.train=[a,b]"]``.
 
     Raises:
         ConfigError: naming the file (or "command line") and the key.
     """
     path = Path(path) if path is not None else default_config_path()
-    data = _load_with_bases(path)
+    merged = OmegaConf.structured(Config)
+    origin: dict[str, str] = {}  # dotted key -> the file (or command line) that set it
+    for file, data in _file_layers(path):
+        replace_keys = _str_list(data.pop(_REPLACE_KEY, []), _REPLACE_KEY, file)
+        for key in replace_keys:
+            if _type_at(key) is None:
+                raise _unknown_key(key, f"{file}: {_REPLACE_KEY}")
+            if not _has_key(data, key):
+                raise ConfigError(
+                    f"{file}: {_REPLACE_KEY} names '{key}', which this file does not set"
+                )
+            _clear(merged, key, file)
+            origin = {k: v for k, v in origin.items() if not k.startswith(f"{key}.")}
+        merged = _apply_layer(merged, data, str(file), origin)
     source = str(path)
-    for item in overrides:
-        parts, value = _parse_override(item)
-        patch: dict[str, Any] = {}
-        _set_path(patch, parts, value)
-        _check_keys(patch, Config, "", "command line")
-        data = _deep_merge(data, patch)
+    if overrides:
+        merged = _apply_layer(merged, _parse_overrides(overrides), _COMMAND_LINE, origin)
         source = f"{path} (+ command-line overrides)"
-    return config_from_dict(data, source)
+    return _to_config(merged, source, origin)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Validate a plain nested dict against the schema and return a ``Config``."""
+    merged = _merge(OmegaConf.structured(Config), dict(data), source)
+    return _to_config(merged, source, {})
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str], source: str = _COMMAND_LINE) -> Config:
+    """A copy of ``cfg`` with ``key=value`` overrides applied and validated again."""
+    merged = _merge(OmegaConf.structured(cfg), _parse_overrides(overrides), source)
+    return _to_config(merged, source, {k: source for k in _leaf_keys(_parse_overrides(overrides))})
+
+
+def _to_config(merged: DictConfig, source: str, origin: dict[str, str]) -> Config:
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, source) from None
+    assert isinstance(cfg, Config)
+    _validate(cfg, source, origin)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -480,6 +587,26 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> Path:
 
 
 # ----------------------------------------------------------------------------- validation
+# Types and choices are checked by OmegaConf against the schema; these are the value ranges and
+# the rules that relate fields.
+_POSITIVE = (
+    "model.d_model", "model.nheads", "model.dec_layers", "model.dim_feedforward",
+    "model.num_queries", "model.num_feature_levels", "model.enc_n_points",
+    "model.dec_n_points", "moe.num_experts", "moe.top_k",
+    "train.batch_size", "train.grad_accum", "train.log_every", "train.max_nonfinite",
+    "train.lr", "data.max_size", "data.temperature", "eval.batch_size", "eval.num_select",
+)  # fmt: skip
+_NON_NEGATIVE = (
+    "model.enc_layers", "model.dropout", "model.dn.number", "model.dn.label_noise_ratio",
+    "model.dn.box_noise_scale", "moe.gate_noise", "moe.dropout", "moe.loss_weight",
+    "moe.z_loss_weight", "train.epochs", "train.max_iters", "train.time_budget_min",
+    "train.lr_backbone", "train.weight_decay", "train.clip_max_norm", "train.warmup_iters",
+    "train.eval_every", "train.checkpoint_every", "data.num_workers", "data.epoch_size",
+    "data.test_scale", "eval.max_images", "model.accel.one_to_many_queries",
+    "model.accel.dense_head_queries",
+)  # fmt: skip
+
+
 def _get(cfg: Config, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
@@ -487,41 +614,18 @@ def _get(cfg: Config, key: str) -> Any:
     return node
 
 
-def _validate(cfg: Config, source: str) -> None:
+def _validate(cfg: Config, source: str, origin: Mapping[str, str]) -> None:
+    """Ranges and cross-field rules; the error names the file that set the key, where known."""
+
     def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"{source}: '{key}' {msg}")
+        raise ConfigError(f"{origin.get(key, source)}: '{key}' {msg}")
 
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            fail(key, f"must be one of {list(choices)}, got '{value}'{hint}")
-
-    positive = [
-        "model.d_model", "model.nheads", "model.dec_layers", "model.dim_feedforward",
-        "model.num_queries", "model.num_feature_levels", "model.enc_n_points",
-        "model.dec_n_points", "moe.num_experts", "moe.top_k",
-        "train.batch_size", "train.grad_accum", "train.log_every", "train.max_nonfinite",
-        "data.max_size", "eval.batch_size", "eval.num_select",
-    ]  # fmt: skip
-    for key in positive:
+    for key in _POSITIVE:
         if _get(cfg, key) <= 0:
             fail(key, f"must be > 0, got {_get(cfg, key)}")
-    non_negative = [
-        "model.enc_layers", "model.dropout", "model.dn.number", "model.dn.label_noise_ratio",
-        "model.dn.box_noise_scale", "moe.gate_noise", "moe.dropout", "moe.loss_weight",
-        "moe.z_loss_weight", "train.epochs", "train.max_iters", "train.time_budget_min",
-        "train.lr_backbone", "train.weight_decay", "train.clip_max_norm", "train.warmup_iters",
-        "train.eval_every", "train.checkpoint_every", "data.num_workers", "data.epoch_size",
-        "data.test_scale", "eval.max_images", "model.accel.one_to_many_queries",
-        "model.accel.dense_head_queries",
-    ]  # fmt: skip
-    for key in non_negative:
+    for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             fail(key, f"must be >= 0, got {_get(cfg, key)}")
-    if cfg.train.lr <= 0:
-        fail("train.lr", f"must be > 0, got {cfg.train.lr}")
     if cfg.model.d_model % cfg.model.nheads:
         fail(
             "model.d_model",
@@ -531,8 +635,6 @@ def _validate(cfg: Config, source: str) -> None:
         fail("moe.drop_path", f"must be in [0, 1), got {cfg.moe.drop_path}")
     if not 0.0 < cfg.train.ema_decay < 1.0:
         fail("train.ema_decay", f"must be in (0, 1), got {cfg.train.ema_decay}")
-    if cfg.data.temperature <= 0:
-        fail("data.temperature", f"must be > 0, got {cfg.data.temperature}")
     if not cfg.data.scales or min(cfg.data.scales) <= 0:
         fail("data.scales", f"must be a non-empty list of positive sizes, got {cfg.data.scales}")
     if len(cfg.model.decoder_ffn) != cfg.model.dec_layers:
@@ -541,9 +643,6 @@ def _validate(cfg: Config, source: str) -> None:
             f"must have one entry per decoder layer "
             f"(model.dec_layers={cfg.model.dec_layers}), got {len(cfg.model.decoder_ffn)}",
         )
-    for i, kind in enumerate(cfg.model.decoder_ffn):
-        if kind not in ("dense", "moe"):
-            fail(f"model.decoder_ffn[{i}]", f"must be 'dense' or 'moe', got '{kind}'")
     if cfg.moe.expert_parallel:
         fail(
             "moe.expert_parallel",
@@ -555,63 +654,74 @@ def _validate(cfg: Config, source: str) -> None:
         fail("moe.top_k", f"({cfg.moe.top_k}) must be <= moe.num_experts ({cfg.moe.num_experts})")
     if not cfg.data.train:
         fail("data.train", "must name at least one training dataset")
+    names = list(cfg.data.train)
     for name, pct in cfg.data.limited.items():
+        if name not in names:
+            fail(f"data.limited.{name}", f"is not a training dataset (data.train: {names})")
         if not 0.0 < pct <= 100.0:
             fail(f"data.limited.{name}", f"must be a percentage in (0, 100], got {pct}")
     for name, entry in cfg.data.datasets.items():
-        for field_name in ("scales",):
-            values = getattr(entry, field_name)
-            if values is not None and (not values or min(values) <= 0):
-                fail(f"data.datasets.{name}.{field_name}", f"must be positive sizes, got {values}")
-    _validate_expert_map(cfg, source)
+        if entry.scales is not None and (not entry.scales or min(entry.scales) <= 0):
+            fail(f"data.datasets.{name}.scales", f"must be positive sizes, got {entry.scales}")
+        if entry.num_slots is not None and entry.num_slots < 1:
+            fail(f"data.datasets.{name}.num_slots", f"must be >= 1, got {entry.num_slots}")
+        expert = entry.expert
+        if expert is not None and (expert < 0 or cfg.uses_moe and expert >= cfg.moe.num_experts):
+            fail(
+                f"data.datasets.{name}.expert",
+                f"= {expert} is out of range [0, moe.num_experts={cfg.moe.num_experts})",
+            )
+    _validate_expert_map(cfg, source, origin)
 
 
-def _known_dataset_names(cfg: Config) -> set[str]:
-    names = set(cfg.data.train) | set(cfg.data.test) | set(cfg.data.datasets)
-    from damex.data.uodb import UODB_DATASETS
-
-    names |= set(UODB_DATASETS)
-    try:  # the synthetic benchmark's names, when that module is available
-        from damex.data.synthetic import SYNTHETIC_DATASETS
-
-        names |= set(SYNTHETIC_DATASETS)
-    except ImportError:
-        pass
-    return names
-
-
-def _validate_expert_map(cfg: Config, source: str) -> None:
-    """Every training dataset mapped (by name), every id in [0, E), no unknown names (Q1)."""
+def _validate_expert_map(cfg: Config, source: str, origin: Mapping[str, str]) -> None:
+    """Names only datasets of the run, ids in [0, E), every training dataset mapped (Q1)."""
     moe = cfg.moe
-    known = _known_dataset_names(cfg)
+
+    def fail(key: str, msg: str) -> None:
+        where = origin.get(key) or origin.get("moe.expert_map") or source
+        raise ConfigError(f"{where}: {msg}")
+
+    if isinstance(moe.expert_map, str):
+        if moe.expert_map != "auto":
+            fail(
+                "moe.expert_map",
+                f"'moe.expert_map' must be a mapping dataset -> expert id or 'auto', "
+                f"got '{moe.expert_map}'",
+            )
+        return
+    if not isinstance(moe.expert_map, Mapping):
+        fail(
+            "moe.expert_map",
+            f"'moe.expert_map' must be a mapping dataset -> expert id or 'auto', "
+            f"got {moe.expert_map!r}",
+        )
+    run = list(dict.fromkeys([*cfg.data.train, *cfg.eval_datasets]))
     for name, expert in moe.expert_map.items():
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
+        key = f"moe.expert_map.{name}"
+        if name not in run:
+            close = difflib.get_close_matches(str(name), run, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"{source}: 'moe.expert_map' names an unknown dataset '{name}'{hint}"
+            fail(
+                key,
+                f"'{key}': dataset '{name}' is neither trained nor evaluated{hint} (datasets "
+                f"of this run: {run}); remove it, or list 'moe.expert_map' in "
+                f"{_REPLACE_KEY} to replace an inherited map",
             )
+        if isinstance(expert, bool) or not isinstance(expert, int):
+            fail(key, f"'{key}' must be an expert id (an int), got {expert!r}")
         if not 0 <= expert < moe.num_experts:
-            raise ConfigError(
-                f"{source}: 'moe.expert_map.{name}' = {expert} is out of range: expert ids must be "
-                f"in [0, moe.num_experts={moe.num_experts})"
+            fail(
+                key,
+                f"'{key}' = {expert} is out of range: expert ids must be in "
+                f"[0, moe.num_experts={moe.num_experts})",
             )
-    needs_map = cfg.uses_moe and moe.loss == "damex"
-    if not needs_map:
+    if not (cfg.uses_moe and moe.loss == "damex"):
         return
     for name in cfg.data.train:
-        default = cfg.data.datasets[name].expert if name in cfg.data.datasets else None
-        if name not in moe.expert_map and default is None:
+        entry = cfg.data.datasets.get(name)
+        if name not in moe.expert_map and (entry is None or entry.expert is None):
             raise ConfigError(
                 f"{source}: training dataset '{name}' has no expert: add it to 'moe.expert_map' "
                 f"(the DAMEX loss needs an expert for every training dataset)"
-            )
-        if (
-            name not in moe.expert_map
-            and default is not None
-            and not 0 <= default < moe.num_experts
-        ):
-            raise ConfigError(
-                f"{source}: 'data.datasets.{name}.expert' = {default} is out of range "
-                f"[0, {moe.num_experts})"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from damex.config import (
     default_config_path,
     load_config,
     save_config,
+    with_overrides,
 )
 from damex.errors import ConfigError
 
@@ -109,8 +111,15 @@ def test_expert_map_validation(tmp_path: Path) -> None:
         load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 1}\n"))
     with pytest.raises(ConfigError, match=r"'moe\.expert_map\.b' = 2 is out of range"):
         load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 2, c: 1}\n"))
-    with pytest.raises(ConfigError, match=r"unknown dataset 'syn_phot'; did you mean 'syn_photo'"):
+    with pytest.raises(
+        ConfigError, match=r"m\.yaml: 'moe\.expert_map\.syn_phot': dataset 'syn_phot' is neither"
+    ):
         load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: 1, c: 1, syn_phot: 0}\n"))
+    typo = "data:\n  train: [syn_photo, b]\nmoe:\n  expert_map: {syn_photo: 0, b: 1, syn_phot: 0}\n"
+    with pytest.raises(ConfigError, match=r"'syn_phot' is neither .*; did you mean 'syn_photo'\?"):
+        load_config(_write(tmp_path / "typo.yaml", typo))
+    with pytest.raises(ConfigError, match=r"'moe\.expert_map\.b' must be an expert id .* 'x'"):
+        load_config(_moe_cfg(tmp_path, "  expert_map: {a: 0, b: x, c: 1}\n"))
     # the balance-loss baseline needs no map
     load_config(_moe_cfg(tmp_path, "  loss: switch\n"))
 
@@ -163,3 +172,86 @@ def test_expert_parallel_is_refused_until_the_trainer_supports_it(tmp_path: Path
         ConfigError, match=r"'moe\.expert_parallel' is not supported by the trainer"
     ):
         load_config(path, ["moe.expert_parallel=true"])
+
+
+def test_stale_expert_map_entry_names_the_file_that_set_it(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "base.yaml",
+        "data:\n  train: [a, b]\nmodel:\n  dec_layers: 2\n  decoder_ffn: [moe, dense]\n"
+        "moe:\n  num_experts: 2\n  expert_map: {a: 0, b: 1}\n",
+    )
+    child = _write(tmp_path / "child.yaml", "_base_: base.yaml\ndata:\n  train: [a]\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: 'moe\.expert_map\.b': dataset 'b'"):
+        load_config(child)
+    load_config(child, ["data.test=[a, b]"])  # evaluated on b: its expert scores routing
+
+
+def test_replace_an_inherited_expert_map(tmp_path: Path) -> None:
+    """Issue 11: a config on damex_small with its own 4-dataset map, replacing the base's."""
+    own = (
+        "data:\n  train: [d1, d2, d3, d4]\n  test: [d1, d2, d3, d4]\n"
+        "moe:\n  num_experts: 4\n  expert_map: {d1: 0, d2: 1, d3: 2, d4: 3}\n"
+    )
+    base = default_config_path()
+    merged = _write(tmp_path / "merged.yaml", f"_base_: {base}\n{own}")
+    with pytest.raises(ConfigError, match=rf"{base.name}: 'moe\.expert_map\.syn_photo'"):
+        load_config(merged)  # merged with the six syn_* entries, which nothing trains
+    path = _write(tmp_path / "own.yaml", f"_base_: {base}\n_replace_: [moe.expert_map]\n{own}")
+    cfg = load_config(path)
+    assert cfg.moe.expert_map == {"d1": 0, "d2": 1, "d3": 2, "d4": 3}
+    assert cfg.model.decoder_ffn == ["moe", "dense", "moe"]  # the rest is still inherited
+    again = load_config(save_config(cfg, tmp_path / "run" / "config.yaml"))
+    assert again == cfg
+
+
+def test_replace_a_dataset_table_and_its_errors(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "base.yaml",
+        "data:\n  train: [a]\n  datasets:\n    a: {image_root: x, splits: {train: a.json}}\n"
+        "    b: {image_root: y, splits: {train: b.json}}\n",
+    )
+    merged = _write(
+        tmp_path / "m.yaml", "_base_: base.yaml\ndata:\n  datasets:\n    c: {image_root: z}\n"
+    )
+    assert list(load_config(merged).data.datasets) == ["a", "b", "c"]
+    replaced = _write(tmp_path / "r.yaml", "_base_: base.yaml\n_replace_: data.datasets\n"
+                      "data:\n  datasets:\n    c: {image_root: z}\n")  # fmt: skip
+    cfg = load_config(replaced)
+    assert list(cfg.data.datasets) == ["c"] and cfg.data.datasets["c"].image_root == "z"
+    bad = _write(tmp_path / "bad.yaml", "_base_: base.yaml\n_replace_: [data.dataset]\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'data\.dataset'; did you mean"):
+        load_config(bad)
+    unset = _write(tmp_path / "unset.yaml", "_base_: base.yaml\n_replace_: [moe.expert_map]\n")
+    with pytest.raises(ConfigError, match=r"unset\.yaml: _replace_ names 'moe\.expert_map', wh"):
+        load_config(unset)
+
+
+def test_value_errors_name_the_file_that_set_the_value(tmp_path: Path) -> None:
+    _write(tmp_path / "base.yaml", "data:\n  train: [a]\ntrain:\n  batch_size: 0\n")
+    child = _write(tmp_path / "child.yaml", "_base_: base.yaml\ntrain:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: 'train\.batch_size' must be > 0, got 0"):
+        load_config(child)
+    with pytest.raises(ConfigError, match=r"^command line: 'train\.batch_size' must be > 0"):
+        load_config(child, ["train.batch_size=-1"])
+    with pytest.raises(ConfigError, match=r"child\.yaml: invalid value for 'data\.scales\[1\]'"):
+        load_config(_write(tmp_path / "child.yaml", "_base_: base.yaml\ndata:\n  scales: [1, x]\n"))
+
+
+def test_expert_map_auto_is_accepted(tmp_path: Path) -> None:
+    cfg = load_config(_moe_cfg(tmp_path, "  expert_map: auto\n"))
+    assert cfg.moe.expert_map == "auto"
+    with pytest.raises(ConfigError, match=r"'moe\.expert_map' must be a mapping .* got 'atuo'"):
+        load_config(_moe_cfg(tmp_path, "  expert_map: atuo\n"))
+
+
+def test_loaded_config_is_read_only_and_overrides_are_validated(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path / "c.yaml", "data:\n  train: [a, b]\n"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+    changed = with_overrides(cfg, ["train.lr=0.5", "data.limited={b: 50}"])
+    assert changed.train.lr == 0.5 and changed.data.limited == {"b": 50.0}
+    assert cfg.train.lr != 0.5  # the original is untouched
+    with pytest.raises(ConfigError, match=r"'data\.limited\.c' is not a training dataset"):
+        with_overrides(cfg, ["data.limited={c: 50}"])
+    with pytest.raises(ConfigError, match=r"'moe\.router' must be one of \['linear', 'cosine'\]"):
+        with_overrides(cfg, ["moe.router=cosin"])

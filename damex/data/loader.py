@@ -32,7 +32,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from damex.data.samplers import (
-    SAMPLER_MODES,
     DatasetAwareSampler,
     InferenceSampler,
     derive_seed,
@@ -395,25 +394,12 @@ def build_train_loader(
         ``data.limited`` subsets are ``loader.dataset.subsets``).
 
     Raises:
-        ConfigError: no training dataset, an unknown sampler, a ``data.limited`` entry that is
-            not a training dataset or has a percent outside (0, 100].
         DatasetError: from reading the annotation files.
     """
     from damex.data.coco import CocoDetection
 
-    data = cfg.data
+    data = cfg.data  # validated by damex.config (data.train, data.sampler, data.limited)
     names = list(data.train)
-    if not names:
-        raise ConfigError("data.train: no training dataset given")
-    if data.sampler not in SAMPLER_MODES:
-        raise ConfigError(
-            f"data.sampler: expected one of {list(SAMPLER_MODES)}, got {data.sampler!r}"
-        )
-    for name, percent in data.limited.items():
-        if name not in names:
-            raise ConfigError(f"data.limited.{name}: not a training dataset (data.train: {names})")
-        if not 0.0 < float(percent) <= 100.0:
-            raise ConfigError(f"data.limited.{name}: percent must be in (0, 100], got {percent}")
 
     datasets: list[CocoDetection] = []
     transforms: list[SampleTransform] = []

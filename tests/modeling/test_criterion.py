@@ -4,6 +4,7 @@ dense head) and MoE losses (token selection, layout invariance, gradients)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -319,8 +320,11 @@ def test_build_criterion_from_config():
     crit = build_criterion(cfg, num_classes=7)
     assert crit.num_classes == 7 and crit.moe_loss == "none"  # all-dense decoder by default
     assert crit.matcher.cost_bbox == 5.0 and crit.one_to_many_weight == 0.0
-    cfg.model.decoder_ffn = ["moe", "dense"] * 3
-    cfg.moe.damex_tokens = "exclude_dn"
+    cfg = replace(
+        cfg,
+        model=replace(cfg.model, decoder_ffn=["moe", "dense"] * 3),
+        moe=replace(cfg.moe, damex_tokens="exclude_dn"),
+    )
     crit = build_criterion(cfg, num_classes=7)
     assert crit.moe_loss == "damex" and crit.damex_tokens == "exclude_dn"
     assert crit.moe_weight == pytest.approx(0.1)

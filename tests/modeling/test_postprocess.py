@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from damex.config import Config
+from damex.config import Config, EvalConfig
 from damex.modeling.outputs import Prediction
 from damex.modeling.postprocess import PostProcess, build_postprocess
 
@@ -65,8 +65,6 @@ def test_restriction_excludes_other_labels():
 
 
 def test_build_postprocess_reads_eval_config():
-    cfg = Config()
-    cfg.eval.num_select = 11
-    cfg.eval.restrict_to_dataset_labels = True
+    cfg = Config(eval=EvalConfig(num_select=11, restrict_to_dataset_labels=True))
     post = build_postprocess(cfg)
     assert post.num_select == 11 and post.restrict_to_dataset_labels
