@@ -253,6 +253,7 @@ class MoEConfig:
     # dataset name -> expert id, or "auto" (computed from the data before training). Typed Any
     # because OmegaConf cannot type a union of a mapping and a string; _validate checks it.
     expert_map: Any = field(default_factory=dict)
+    # under torchrun: E/W experts per rank (needs E % W == 0, checked by build_model)
     expert_parallel: bool = False
 
 
@@ -642,13 +643,6 @@ def _validate(cfg: Config, source: str, origin: Mapping[str, str]) -> None:
             "model.decoder_ffn",
             f"must have one entry per decoder layer "
             f"(model.dec_layers={cfg.model.dec_layers}), got {len(cfg.model.decoder_ffn)}",
-        )
-    if cfg.moe.expert_parallel:
-        fail(
-            "moe.expert_parallel",
-            "is not supported by the trainer yet: damex.moe.parallel provides the rank-local "
-            "expert layer, but the detector and checkpoints hold every expert on every rank; "
-            "set moe.expert_parallel=false",
         )
     if cfg.moe.top_k > cfg.moe.num_experts:
         fail("moe.top_k", f"({cfg.moe.top_k}) must be <= moe.num_experts ({cfg.moe.num_experts})")

@@ -166,12 +166,11 @@ def test_every_shipped_config_builds_its_model() -> None:
         assert len(experts) == moe_layers, path
 
 
-def test_expert_parallel_is_refused_until_the_trainer_supports_it(tmp_path: Path) -> None:
+def test_expert_parallel_loads_and_is_a_boolean(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.yaml", "data:\n  train: [a]\n")
-    with pytest.raises(
-        ConfigError, match=r"'moe\.expert_parallel' is not supported by the trainer"
-    ):
-        load_config(path, ["moe.expert_parallel=true"])
+    assert load_config(path, ["moe.expert_parallel=true"]).moe.expert_parallel is True
+    with pytest.raises(ConfigError, match=r"moe\.expert_parallel"):
+        load_config(path, ["moe.expert_parallel=maybe"])
 
 
 def test_stale_expert_map_entry_names_the_file_that_set_it(tmp_path: Path) -> None:
