@@ -1,4 +1,9 @@
-"""Drawing boxes with labels on images (PIL); used by the routing overlays and the demo."""
+"""Drawing boxes with labels on images; used by the routing overlays and the demo.
+
+Rectangles come from ``torchvision.utils.draw_bounding_boxes``; labels are drawn with PIL at
+positions chosen so that they do not cover each other (:func:`place_labels`), and
+:func:`select_for_display` / :func:`upscale_for_display` keep explained overlays readable.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from torchvision.ops import nms
+from torchvision.utils import draw_bounding_boxes
 
 from damex.structures import Detections
 
@@ -20,7 +28,10 @@ __all__ = [
     "draw_boxes",
     "draw_detections",
     "legend_strip",
+    "place_labels",
     "save_png",
+    "select_for_display",
+    "upscale_for_display",
 ]
 
 Color = tuple[int, int, int]
@@ -75,6 +86,69 @@ def _text_color(bg: Color) -> Color:
     return (0, 0, 0) if luminance > 150 else (255, 255, 255)
 
 
+def _label_candidates(
+    box: tuple[float, float, float, float], tw: float, th: float, w_img: int, h_img: int
+) -> list[tuple[float, float]]:
+    """Top-left corners to try for a ``tw x th`` label of ``box``, best first."""
+    x1, y1, x2, y2 = box
+    xr = max(x2 - tw, 0.0)  # right-aligned
+    spots = [
+        (x1, y1 - th),  # above the box, left
+        (x1, y1),  # inside, top-left
+        (x1, y2),  # below the box, left
+        (x1, y2 - th),  # inside, bottom-left
+        (xr, y1 - th),
+        (xr, y2),
+    ]
+    out = []
+    for x, y in spots:
+        x = min(max(x, 0.0), max(w_img - tw, 0.0))
+        y = min(max(y, 0.0), max(h_img - th, 0.0))
+        out.append((x, y))
+    return out
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(w, 0.0) * max(h, 0.0)
+
+
+def place_labels(
+    boxes: Sequence[Sequence[float]],
+    sizes: Sequence[tuple[float, float]],
+    image_size: tuple[int, int],
+) -> list[tuple[float, float]]:
+    """Greedy label placement: each label (in the given order, best box first) goes to the first
+    of a few spots around its box (above, inside top, below, inside bottom; left- then
+    right-aligned) that overlaps no label placed before it, else to the spot overlapping least.
+
+    Args:
+        boxes: ``[N, 4]`` ``xyxy`` pixels.
+        sizes: ``(width, height)`` of each label in pixels.
+        image_size: ``(height, width)`` of the canvas (labels stay inside it).
+
+    Returns:
+        The top-left corner of every label.
+    """
+    h_img, w_img = image_size
+    placed: list[tuple[float, float, float, float]] = []
+    corners = []
+    for box, (tw, th) in zip(boxes, sizes):
+        best, best_cost = None, None
+        for x, y in _label_candidates(tuple(box), tw, th, w_img, h_img):  # type: ignore[arg-type]
+            rect = (x, y, x + tw, y + th)
+            cost = sum(_overlap(rect, r) for r in placed)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (x, y), cost
+            if cost == 0.0:
+                break
+        assert best is not None
+        corners.append(best)
+        placed.append((best[0], best[1], best[0] + tw, best[1] + th))
+    return corners
+
+
 def draw_boxes(
     image: Tensor | np.ndarray,
     boxes_xyxy: Tensor | np.ndarray | Sequence[Sequence[float]],
@@ -84,11 +158,16 @@ def draw_boxes(
     width: int = 2,
     font_size: int = 12,
 ) -> np.ndarray:
-    """Draw rectangles (and a filled label above each) on a copy of an image.
+    """Draw rectangles (and a filled label beside each) on a copy of an image.
+
+    Rectangles are drawn by ``torchvision.utils.draw_bounding_boxes``; labels are placed by
+    :func:`place_labels` so that they do not cover each other (torchvision draws every label at
+    its box's top-left corner, where the labels of overlapping boxes pile up).
 
     Args:
         image: RGB ``[3, H, W]`` or ``[H, W, 3]`` (see :func:`to_hwc_uint8`).
-        boxes_xyxy: ``[N, 4]`` absolute pixels of ``image``.
+        boxes_xyxy: ``[N, 4]`` absolute pixels of ``image``; label placement priority follows
+            this order (put the best box first).
         colors: one RGB colour per box, or one colour for all.
         texts: one label per box (drawn on a box-coloured background), or None.
         width: line width in pixels.
@@ -97,7 +176,8 @@ def draw_boxes(
     Returns:
         ``uint8`` ``[H, W, 3]``.
     """
-    canvas = Image.fromarray(to_hwc_uint8(image))
+    hwc = to_hwc_uint8(image)
+    h_img, w_img = hwc.shape[:2]
     if isinstance(boxes_xyxy, Tensor):
         boxes = boxes_xyxy.detach().cpu().double().numpy()
     else:
@@ -112,21 +192,96 @@ def draw_boxes(
             raise ValueError(f"got {len(cols)} colours for {n} boxes")
     if texts is not None and len(texts) != n:
         raise ValueError(f"got {len(texts)} texts for {n} boxes")
+    if n == 0:
+        return hwc.copy()
+    # clip into the image and order the corners (draw_bounding_boxes needs x1 <= x2, y1 <= y2)
+    xs = np.sort(np.clip(boxes[:, [0, 2]], 0.0, w_img - 1), axis=1)
+    ys = np.sort(np.clip(boxes[:, [1, 3]], 0.0, h_img - 1), axis=1)
+    clipped = np.stack((xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]), axis=1)  # [N, 4]
+    drawn = draw_bounding_boxes(
+        torch.from_numpy(hwc).permute(2, 0, 1),
+        torch.from_numpy(clipped).float(),
+        colors=cols,  # type: ignore[arg-type]
+        width=width,
+    )
+    if texts is None:
+        return np.ascontiguousarray(drawn.permute(1, 2, 0).numpy())
+    canvas = Image.fromarray(np.ascontiguousarray(drawn.permute(1, 2, 0).numpy()))
     draw = ImageDraw.Draw(canvas)
     font = _font(font_size)
-    w_img, h_img = canvas.size
-    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-        x1, x2 = sorted((min(max(x1, 0.0), w_img - 1), min(max(x2, 0.0), w_img - 1)))
-        y1, y2 = sorted((min(max(y1, 0.0), h_img - 1), min(max(y2, 0.0), h_img - 1)))
-        color = cols[i]
-        draw.rectangle((x1, y1, x2, y2), outline=color, width=width)
-        if texts is not None and texts[i]:
-            left, top, right, bottom = draw.textbbox((0, 0), texts[i], font=font)
-            tw, th = right - left, bottom - top
-            ty = y1 - th - 4 if y1 - th - 4 >= 0 else y1  # above the box, else inside it
-            draw.rectangle((x1, ty, x1 + tw + 4, ty + th + 4), fill=color)
-            draw.text((x1 + 2 - left, ty + 2 - top), texts[i], fill=_text_color(color), font=font)
+    order = [i for i in range(n) if texts[i]]
+    extents = [draw.textbbox((0, 0), texts[i], font=font) for i in order]
+    sizes = [(r - lft + 4.0, b - t + 4.0) for lft, t, r, b in extents]
+    corners = place_labels([clipped[i].tolist() for i in order], sizes, (h_img, w_img))
+    for i, (lft, top, _, _), (tw, th), (x, y) in zip(order, extents, sizes, corners):
+        draw.rectangle((x, y, x + tw, y + th), fill=cols[i])
+        draw.text((x + 2 - lft, y + 2 - top), texts[i], fill=_text_color(cols[i]), font=font)
     return np.asarray(canvas)
+
+
+def select_for_display(
+    detections: Detections,
+    *,
+    top_n: int = 20,
+    min_score: float = 0.05,
+    relative: float = 0.3,
+    iou: float = 0.5,
+) -> Tensor:
+    """Which detections of one image to draw, best first: a readable subset.
+
+    DINO keeps the top-K (query, class) pairs without NMS, so one object shows up as several
+    boxes (one query with several classes, neighbouring queries). For display only:
+
+    1. one box per query (its best class);
+    2. a score threshold chosen per image: ``max(min_score, relative * best score)`` (a fixed
+       threshold draws nothing on one image and a hundred boxes on another);
+    3. class-agnostic NMS at ``iou`` (``torchvision.ops.nms``);
+    4. at most ``top_n`` boxes.
+
+    Returns:
+        ``int64`` indices into ``detections``, by descending score.
+    """
+    n = len(detections)
+    if n == 0 or top_n < 1:
+        return torch.zeros(0, dtype=torch.long)
+    scores = detections.scores.detach().cpu().float()
+    boxes = detections.boxes.detach().cpu().float()
+    order = torch.argsort(scores, descending=True, stable=True)
+    if detections.query_index.numel() == n:
+        seen: set[int] = set()
+        first = []
+        for i in order.tolist():
+            q = int(detections.query_index[i])
+            if q not in seen:
+                seen.add(q)
+                first.append(i)
+        order = torch.tensor(first, dtype=torch.long)
+    threshold = max(float(min_score), float(relative) * float(scores[order[0]]))
+    order = order[scores[order] >= threshold]
+    if order.numel() == 0:
+        return order
+    kept = nms(boxes[order], scores[order], float(iou))  # sorted by score
+    return order[kept][:top_n]
+
+
+def upscale_for_display(
+    image: np.ndarray, boxes_xyxy: Tensor, min_side: int = 512
+) -> tuple[np.ndarray, Tensor]:
+    """Enlarge a small image (shorter side below ``min_side``) and its boxes for drawing.
+
+    Returns:
+        The ``uint8`` ``[H', W', 3]`` image (bicubic) and the boxes in its pixels; unchanged
+        when the shorter side is already ``>= min_side``.
+    """
+    hwc = to_hwc_uint8(image)
+    h, w = hwc.shape[:2]
+    scale = min_side / max(min(h, w), 1)
+    if scale <= 1.0:
+        return hwc, boxes_xyxy
+    size = (round(w * scale), round(h * scale))
+    big = np.asarray(Image.fromarray(hwc).resize(size, Image.Resampling.BICUBIC))
+    sx, sy = size[0] / w, size[1] / h
+    return big, boxes_xyxy * boxes_xyxy.new_tensor([sx, sy, sx, sy])
 
 
 def draw_detections(
