@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from damex.config import BadSamplePolicy, OutOfBoundsPolicy, choices
 from damex.data.label_space import LabelSpace
 from damex.errors import DatasetError
 from damex.structures import Sample
@@ -44,8 +45,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OUT_OF_BOUNDS_POLICIES: tuple[str, ...] = ("clip", "error")
-BAD_SAMPLE_POLICIES: tuple[str, ...] = ("error", "skip")
+OUT_OF_BOUNDS_POLICIES: tuple[str, ...] = choices(OutOfBoundsPolicy)
+BAD_SAMPLE_POLICIES: tuple[str, ...] = choices(BadSamplePolicy)
 IMAGE_CHECKS: tuple[str, ...] = ("none", "exists", "header")
 
 # A box may stick out of the image by this many pixels before out_of_bounds="error" raises:

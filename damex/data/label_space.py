@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from damex.config import LabelPolicy, choices
 from damex.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LABEL_POLICIES: tuple[str, ...] = ("disjoint", "merged")
+LABEL_POLICIES: tuple[str, ...] = choices(LabelPolicy)
 
 # The paper's 178-way head gives VOC07 and VOC12 (same 20 classes, same JSON categories) one
 # shared block (spec/damex.md §4.2). A group only applies when at least two members are present.

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from damex.config import SamplerMode, choices
+
 __all__ = [
     "SAMPLER_MODES",
     "DatasetAwareSampler",
@@ -50,7 +52,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SAMPLER_MODES = ("proportional", "uniform", "temperature", "repeat_factor")
+SAMPLER_MODES = choices(SamplerMode)
 
 
 def derive_seed(*keys: int) -> int:

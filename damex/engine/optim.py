@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from damex.config import TrainConfig
+from damex.config import Schedule, TrainConfig, choices
 
 __all__ = [
     "SCHEDULES",
@@ -50,7 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("step", "multistep", "cosine", "time_cosine")
+SCHEDULES = choices(Schedule)
 LINEAR_PROJ_KEYWORDS = ("sampling_offsets", "reference_points")
 
 

@@ -8,14 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from damex.config import ModelConfig, MoEConfig
+from damex.config import FFNKind, ModelConfig, MoEConfig, choices
 from damex.errors import ConfigError
 
 __all__ = ["build_model"]
 
 logger = logging.getLogger(__name__)
 
-_FFN_KINDS = ("dense", "moe")
+_FFN_KINDS = choices(FFNKind)
 
 
 def _validate(cfg: ModelConfig, num_classes: int) -> None:

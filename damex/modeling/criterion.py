@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from damex.config import Config
+from damex.config import Config, LogitsSource, MoELoss, TokenSelection, choices
 from damex.modeling.box_ops import paired_generalized_box_iou
 from damex.modeling.matcher import HungarianMatcher, MatchIndices, dn_positive_indices, dn_slot_mask
 from damex.modeling.outputs import DenseOutput, DetectorOutput, Prediction, TokenKind
@@ -54,8 +54,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MOE_LOSSES = ("damex", "load_importance", "load_importance_corrected", "switch", "none")
-TOKEN_MODES = ("all", "matching_only", "foreground", "exclude_dn")
+MOE_LOSSES = choices(MoELoss)
+TOKEN_MODES = choices(TokenSelection)
 
 
 # ------------------------------------------------------------------------- token selection
@@ -293,7 +293,7 @@ class SetCriterion(nn.Module):
         for name, mode in (("damex_tokens", damex_tokens), ("balance_tokens", balance_tokens)):
             if mode not in TOKEN_MODES:
                 raise ValueError(f"{name} must be one of {TOKEN_MODES}, got {mode!r}")
-        if damex_logits not in ("clean", "noisy"):
+        if damex_logits not in choices(LogitsSource):
             raise ValueError(f"damex_logits must be 'clean' or 'noisy', got {damex_logits!r}")
         if one_to_many_k < 1:
             raise ValueError(f"one_to_many_k must be >= 1, got {one_to_many_k}")

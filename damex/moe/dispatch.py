@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from damex.config import CapacityGroup, choices
+
 __all__ = [
     "DispatchPlan",
     "capacity_per_group",
@@ -82,7 +84,7 @@ def group_index(
     Returns:
         ``(group [T] in 0..G-1, G)``.
     """
-    if capacity_group not in ("image", "batch"):
+    if capacity_group not in choices(CapacityGroup):
         raise ValueError(f"capacity_group must be 'image' or 'batch', got {capacity_group!r}")
     if capacity_group == "batch" or token_image is None:
         return torch.zeros(num_tokens, dtype=torch.long, device=device), 1

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from damex.config import CapacityGroup, choices
 from damex.moe.dispatch import capacity_per_group, combine, dispatch, group_index, plan_dispatch
 from damex.moe.experts import ExpertFFN, Experts
 from damex.moe.parallel import ProcessGroupRef, expert_parallel_forward
@@ -94,7 +95,7 @@ class MoEFFN(nn.Module):
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
         if unit_gate and top_k != 1:
             raise ValueError(f"unit_gate needs top_k=1 (one gate set to 1), got top_k={top_k}")
-        if capacity_group not in ("image", "batch"):
+        if capacity_group not in choices(CapacityGroup):
             raise ValueError(f"capacity_group must be 'image' or 'batch', got {capacity_group!r}")
         self.d_model = d_model
         self.hidden_dim = hidden_dim

@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from damex.config import RouterKind, choices
+
 __all__ = ["ROUTER_KINDS", "RouterOutput", "TopKRouter"]
 
-ROUTER_KINDS = ("linear", "cosine")
+ROUTER_KINDS = choices(RouterKind)
 
 
 @dataclass
