@@ -25,6 +25,7 @@ from tqdm import tqdm
 from damex.data.label_space import LabelSpace
 from damex.engine import distributed as dist_utils
 from damex.engine.ema import unwrap_model
+from damex.engine.expert_parallel import inference_lockstep
 from damex.evaluation.coco_eval import EvalResults, MultiDatasetEvaluator
 from damex.modeling.postprocess import PostProcess
 from damex.moe.stats import RoutingStats
@@ -155,9 +156,14 @@ def run_inference(
     try:
         for name in names:
             seen = 0
-            for batch in loaders[name]:
-                if max_images > 0 and seen >= max_images:
+            batches = iter(loaders[name])
+            while True:
+                batch = next(batches, None) if max_images <= 0 or seen < max_images else None
+                # expert parallelism: a rank out of batches still joins the others' all-to-alls
+                if not inference_lockstep(net, batch is not None, amp_dtype=amp_dtype):
                     break
+                if batch is None:
+                    continue
                 batch = batch.to(device)
                 with torch.autocast(
                     device_type=device.type, dtype=amp_dtype or torch.float32,
