@@ -6,10 +6,12 @@ Commands import their heavy dependencies lazily so ``damex --help`` answers at o
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from damex.errors import DamexError
@@ -204,6 +206,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     from damex.data.synthetic import generate_benchmark
+    from damex.errors import DatasetError
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DatasetError(f"--out {args.out} is a file; expected a folder for the benchmark")
 
     summary = generate_benchmark(
         Path(args.out), seed=args.seed, scale=args.scale, image_size=args.image_size
@@ -219,6 +225,9 @@ def _format_summary(summary: object) -> str:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # fail before a long run
+        parent = str(Path(args.out).resolve().parent)
+        raise FileNotFoundError(errno.ENOENT, "--out: folder does not exist", parent)
     if args.what == "moe":
         from damex.moe.bench import format_moe_table, run_moe_benchmark
 
@@ -272,12 +281,64 @@ _COMMANDS = {
 }
 
 
+# OS errors that mean "this path cannot be used" (a user error, reported in one line); any other
+# exception is a bug and keeps its traceback.
+_PATH_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG}
+
+
+def _is_path_error(exc: BaseException) -> bool:
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return False
+    return isinstance(exc, _PATH_ERRORS) or exc.errno in _USER_ERRNOS
+
+
+def _report_error(command: str, exc: BaseException, verbose: bool) -> int:
+    """Print one ``damex COMMAND: error: ...`` line (the traceback too with ``-v``); exit 2."""
+    if verbose:
+        traceback.print_exception(exc)
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        message = f"{where}: {exc.strerror or exc}"
+    else:
+        message = str(exc)
+    print(f"damex {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run(command: str, verbose: bool, fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except DamexError as exc:
+        return _report_error(command, exc, verbose)
+    except OSError as exc:
+        if not _is_path_error(exc):
+            raise
+        return _report_error(command, exc, verbose)
+    except KeyboardInterrupt:
+        print(f"damex {command}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a command; returns the process exit code (2 for a user error, with its message)."""
+    """Run a command; returns the process exit code.
+
+    The project's own errors (:class:`damex.errors.DamexError`: bad config, data, checkpoint)
+    and unusable paths (missing, a file where a folder is expected, no permission, disk full)
+    print one ``damex COMMAND: error: ...`` line naming the file / key / line and exit with 2
+    (``-v`` also prints the traceback). Any other exception is a bug: it keeps its traceback.
+    """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
-        return _DELEGATED[argv[0]](argv[1:])
+        command, rest = argv[0], argv[1:]
+        return _run(command, "-v" in rest or "--verbose" in rest, lambda: _DELEGATED[command](rest))
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
@@ -285,14 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    try:
-        return _COMMANDS[args.command](args)
-    except DamexError as exc:
-        print(f"damex {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"damex {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return _run(args.command, args.verbose, lambda: _COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -194,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = make_subset(src, dst, p, args.seed)
             print(f"{dst}: {r.images_out}/{r.images_in} images, {r.annotations_out} annotations")
     except (DatasetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"damex make-subsets: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

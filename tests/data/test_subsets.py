@@ -119,4 +119,4 @@ def test_make_subsets_cli(tmp_path: Path) -> None:
         == 0
     )
     assert len(json.loads((tmp_path / "x.json").read_text())["images"]) == 5
-    assert main(["--root", str(tmp_path / "uodb"), "--datasets", "comic", "--percent", "10"]) == 1
+    assert main(["--root", str(tmp_path / "uodb"), "--datasets", "comic", "--percent", "10"]) == 2
