@@ -436,7 +436,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _str_list(value: Any, what: str, path: Path) -> list[str]:
+def _str_list(value: Any, what: str, path: Path | str) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(b, str) for b in items):
         raise ConfigError(f"{path}: {what} must be a key or a list of keys, got {value!r}")
@@ -469,13 +469,13 @@ def _has_key(data: Mapping[str, Any], key: str) -> bool:
     return True
 
 
-def _clear(merged: DictConfig, key: str, path: Path) -> None:
+def _clear(merged: DictConfig, key: str, source: str) -> None:
     """Empty ``key`` (a mapping or list) in ``merged`` so that the next layer replaces it."""
     tp = _type_at(key)
     empty: Any = [] if typing.get_origin(tp) is list else {}
     if typing.get_origin(tp) not in (list, dict) and tp is not Any:
         raise ConfigError(
-            f"{path}: {_REPLACE_KEY} names '{key}', which is a single value (always replaced); "
+            f"{source}: {_REPLACE_KEY} names '{key}', a single value (always replaced); "
             "list only mappings and lists"
         )
     parent_key, _, leaf = key.rpartition(".")
@@ -523,25 +523,33 @@ def load_config(
         ConfigError: naming the file (or "command line") and the key.
     """
     path = Path(path) if path is not None else default_config_path()
-    merged = OmegaConf.structured(Config)
     origin: dict[str, str] = {}  # dotted key -> the file (or command line) that set it
-    for file, data in _file_layers(path):
-        replace_keys = _str_list(data.pop(_REPLACE_KEY, []), _REPLACE_KEY, file)
-        for key in replace_keys:
-            if _type_at(key) is None:
-                raise _unknown_key(key, f"{file}: {_REPLACE_KEY}")
-            if not _has_key(data, key):
-                raise ConfigError(
-                    f"{file}: {_REPLACE_KEY} names '{key}', which this file does not set"
-                )
-            _clear(merged, key, file)
-            origin = {k: v for k, v in origin.items() if not k.startswith(f"{key}.")}
-        merged = _apply_layer(merged, data, str(file), origin)
+    layers: list[tuple[str, dict[str, Any]]] = [(str(f), d) for f, d in _file_layers(path)]
     source = str(path)
     if overrides:
-        merged = _apply_layer(merged, _parse_overrides(overrides), _COMMAND_LINE, origin)
+        layers.append((_COMMAND_LINE, _parse_overrides(overrides)))
         source = f"{path} (+ command-line overrides)"
+    merged = _apply_layers(OmegaConf.structured(Config), layers, origin)
     return _to_config(merged, source, origin)
+
+
+def _apply_layers(
+    merged: DictConfig, layers: Sequence[tuple[str, dict[str, Any]]], origin: dict[str, str]
+) -> DictConfig:
+    """Merge the layers in order, emptying each layer's ``_replace_`` keys first."""
+    for layer_source, data in layers:
+        replace_keys = _str_list(data.pop(_REPLACE_KEY, []), _REPLACE_KEY, layer_source)
+        for key in replace_keys:
+            if _type_at(key) is None:
+                raise _unknown_key(key, f"{layer_source}: {_REPLACE_KEY}")
+            if not _has_key(data, key):
+                raise ConfigError(
+                    f"{layer_source}: {_REPLACE_KEY} names '{key}', which is not set there"
+                )
+            _clear(merged, key, layer_source)
+            origin = {k: v for k, v in origin.items() if not k.startswith(f"{key}.")}
+        merged = _apply_layer(merged, data, layer_source, origin)
+    return merged
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
@@ -552,8 +560,9 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
 
 def with_overrides(cfg: Config, overrides: Sequence[str], source: str = _COMMAND_LINE) -> Config:
     """A copy of ``cfg`` with ``key=value`` overrides applied and validated again."""
-    merged = _merge(OmegaConf.structured(cfg), _parse_overrides(overrides), source)
-    return _to_config(merged, source, {k: source for k in _leaf_keys(_parse_overrides(overrides))})
+    origin: dict[str, str] = {}
+    layers = [(source, _parse_overrides(overrides))]
+    return _to_config(_apply_layers(OmegaConf.structured(cfg), layers, origin), source, origin)
 
 
 def _to_config(merged: DictConfig, source: str, origin: dict[str, str]) -> Config:
