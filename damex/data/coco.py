@@ -14,7 +14,6 @@ before or after clipping to the image).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -26,6 +25,13 @@ import numpy as np
 import torch
 
 from damex.config import BadSamplePolicy, OutOfBoundsPolicy, choices
+from damex.data.coco_json import (
+    load_coco_json,
+    parse_annotations,
+    parse_categories,
+    parse_images,
+    read_categories,
+)
 from damex.data.label_space import LabelSpace
 from damex.errors import DatasetError
 from damex.structures import Sample
@@ -52,95 +58,6 @@ IMAGE_CHECKS: tuple[str, ...] = ("none", "exists", "header")
 # A box may stick out of the image by this many pixels before out_of_bounds="error" raises:
 # converters round (VOC's 1-based pixels, COCO's float noise); it is still clipped and counted.
 _OOB_TOLERANCE_PX = 1.0
-_MAX_IDS_IN_MESSAGE = 30
-
-
-def _fmt_ids(ids: list[int]) -> str:
-    if len(ids) <= _MAX_IDS_IN_MESSAGE:
-        return str(ids)
-    head = ", ".join(str(i) for i in ids[:_MAX_IDS_IN_MESSAGE])
-    return f"[{head}, ... ({len(ids)} ids)]"
-
-
-def load_coco_json(path: str | Path) -> dict[str, Any]:
-    """Read a COCO JSON file and check its top-level structure.
-
-    Args:
-        path: the annotation file.
-
-    Returns:
-        The parsed object; it has ``images``, ``annotations`` and ``categories`` lists.
-
-    Raises:
-        DatasetError: missing or unreadable file, invalid JSON (with the decoder's line and
-            column), a top level that is not an object, or a missing / non-list key.
-    """
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(
-            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read annotation file: {e}") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise DatasetError(f"{path}: missing required key {key!r}")
-        if not isinstance(data[key], list):
-            raise DatasetError(f"{path}: {key!r} must be a list, got {type(data[key]).__name__}")
-    return data
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_NUMBER = (int, float)  # exact JSON number types (bool excluded)
-
-
-def _where(j: int, ann: Any) -> str:
-    """How an error message names annotation record ``j``."""
-    if not isinstance(ann, dict):
-        return f"annotations[{j}]"
-    where = f"annotation id {ann['id']}" if "id" in ann else f"annotations[{j}]"
-    if "image_id" in ann:
-        where += f" (image {ann['image_id']})"
-    return where
-
-
-def _parse_categories(path: Path, categories: list[Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for i, cat in enumerate(categories):
-        if not isinstance(cat, dict):
-            raise DatasetError(f"{path}: categories[{i}] must be an object, got {cat!r}")
-        for key in ("id", "name"):
-            if key not in cat:
-                raise DatasetError(f"{path}: categories[{i}]: missing required field {key!r}")
-        cid, name = cat["id"], cat["name"]
-        if not _is_int(cid):
-            raise DatasetError(f"{path}: categories[{i}]: id must be an int, got {cid!r}")
-        if not isinstance(name, str) or not name:
-            raise DatasetError(f"{path}: category id {cid}: name must be a non-empty string")
-        if cid in seen:
-            raise DatasetError(f"{path}: duplicate category id {cid}")
-        seen.add(cid)
-        out.append({"id": cid, "name": name})
-    if not out:
-        raise DatasetError(f"{path}: 'categories' is empty")
-    return sorted(out, key=lambda c: c["id"])
-
-
-def read_categories(path: str | Path) -> list[dict[str, Any]]:
-    """The validated ``categories`` of a COCO JSON file, ``[{"id", "name"}]`` sorted by id."""
-    path = Path(path)
-    return _parse_categories(path, load_coco_json(path)["categories"])
 
 
 @dataclass(frozen=True)
@@ -288,96 +205,25 @@ class CocoDetection(torch.utils.data.Dataset):
     # --------------------------------------------------------------------------- parsing
     def _parse(self, data: dict[str, Any]) -> None:
         path = self.ann_file
-        categories = _parse_categories(path, data["categories"])
+        categories = parse_categories(path, data["categories"])
         self._check_categories(categories)
+        records = parse_images(path, data["images"])  # sorted by id
+        image_ids = list(records)
+        anns = parse_annotations(path, data["annotations"], records, [c["id"] for c in categories])
+        n_ann = len(anns.ids)
         to_unified = self.label_space.native_to_unified(self.dataset_id)
-        cat_ids = sorted(c["id"] for c in categories)
-
-        # images: sorted by id so the order does not depend on how the JSON was written
-        records: dict[int, tuple[str, int, int]] = {}
-        for i, img in enumerate(data["images"]):
-            if not isinstance(img, dict):
-                raise DatasetError(f"{path}: images[{i}] must be an object, got {img!r}")
-            for key in ("id", "file_name", "width", "height"):
-                if key not in img:
-                    where = f"image id {img['id']}" if "id" in img else f"images[{i}]"
-                    raise DatasetError(f"{path}: {where}: missing required field {key!r}")
-            iid, fname, w, h = img["id"], img["file_name"], img["width"], img["height"]
-            if not _is_int(iid):
-                raise DatasetError(f"{path}: images[{i}]: id must be an int, got {iid!r}")
-            if iid in records:
-                raise DatasetError(f"{path}: duplicate image id {iid} (images[{i}])")
-            if not isinstance(fname, str) or not fname:
-                raise DatasetError(f"{path}: image id {iid}: file_name must be a non-empty string")
-            if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
-                raise DatasetError(
-                    f"{path}: image id {iid}: width/height must be positive ints, got {w!r}/{h!r}"
-                )
-            records[iid] = (fname, h, w)
-        image_ids = sorted(records)
         index_of = {iid: k for k, iid in enumerate(image_ids)}
-
-        # annotations: validate every record (lean loop: COCO train has ~860k), then numpy
-        anns = data["annotations"]
-        n_ann = len(anns)
-        ids: list[int] = []
-        imgs: list[int] = []
-        labs: list[int] = []
-        boxes: list[list[float]] = []
-        crowds: list[Any] = []
-        for j, ann in enumerate(anns):
-            try:
-                aid, iid, cid, bbox = ann["id"], ann["image_id"], ann["category_id"], ann["bbox"]
-            except (KeyError, TypeError):
-                raise self._missing_field(j, ann) from None
-            if type(aid) is not int:
-                raise DatasetError(f"{path}: {_where(j, ann)}: id must be an int, got {aid!r}")
-            k = index_of.get(iid)
-            if k is None:
-                raise DatasetError(f"{path}: {_where(j, ann)}: image_id {iid!r} not in images")
-            lab = to_unified.get(cid) if type(cid) is int else None
-            if lab is None:
-                raise DatasetError(
-                    f"{path}: {_where(j, ann)}: category_id {cid!r} not in categories "
-                    f"{_fmt_ids(cat_ids)}"
-                )
-            if not (
-                type(bbox) is list
-                and len(bbox) == 4
-                and type(bbox[0]) in _NUMBER
-                and type(bbox[1]) in _NUMBER
-                and type(bbox[2]) in _NUMBER
-                and type(bbox[3]) in _NUMBER
-            ):
-                raise DatasetError(
-                    f"{path}: {_where(j, ann)}: bbox must be 4 finite numbers [x, y, w, h], "
-                    f"got {bbox!r}"
-                )
-            ids.append(aid)
-            imgs.append(k)
-            labs.append(lab)
-            boxes.append(bbox)
-            crowds.append(ann.get("iscrowd", 0))
-        ann_ids = np.array(ids, dtype=np.int64)  # [A]
-        ann_img = np.array(imgs, dtype=np.int64)  # [A]
-        ann_lab = np.array(labs, dtype=np.int64)  # [A]
-        ann_box = np.array(boxes, dtype=np.float64).reshape(-1, 4)  # [A, 4] xywh
-        crowd = np.array([bool(c) for c in crowds], dtype=bool)  # [A]
-        uniq, counts = np.unique(ann_ids, return_counts=True)
-        if (counts > 1).any():
-            dup = int(uniq[np.argmax(counts > 1)])
-            raise DatasetError(f"{path}: duplicate annotation id {dup}")
-        finite = np.isfinite(ann_box).all(axis=1)
-        if not finite.all():
-            j = int(np.argmin(finite))
-            raise DatasetError(
-                f"{path}: {_where(j, anns[j])}: bbox must be 4 finite numbers [x, y, w, h], "
-                f"got {anns[j]['bbox']!r}"
-            )
+        ann_ids = anns.ids  # [A]
+        ann_img = np.array([index_of[i] for i in anns.image_ids.tolist()], dtype=np.int64)  # [A]
+        ann_lab = np.array([to_unified[c] for c in anns.category_ids.tolist()], dtype=np.int64)
+        ann_box = anns.boxes_xywh  # [A, 4] xywh
+        crowd = anns.crowd  # [A]
         self._counts["annotations"] = n_ann
         self._counts["dropped_crowd"] = int(crowd.sum())
 
-        hw = np.array([records[iid][1:] for iid in image_ids], dtype=np.int64).reshape(-1, 2)
+        hw = np.array(
+            [(records[iid].height, records[iid].width) for iid in image_ids], dtype=np.int64
+        ).reshape(-1, 2)
         keep = ~crowd
         xyxy = ann_box.copy()
         xyxy[:, 2:] += xyxy[:, :2]  # [A, 4] xywh -> xyxy
@@ -427,14 +273,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [N+1]
         self._image_ids = np.array(image_ids, dtype=np.int64)  # [N]
         self._hw = hw  # [N, 2]
-        self._file_names = np.array([records[i][0] for i in image_ids], dtype=np.str_)
+        self._file_names = np.array([records[i].file_name for i in image_ids], dtype=np.str_)
         self.label_space.check_labels(self._labels, where=str(path))
-
-    def _missing_field(self, j: int, ann: Any) -> DatasetError:
-        if not isinstance(ann, dict):
-            return DatasetError(f"{self.ann_file}: annotations[{j}] must be an object, got {ann!r}")
-        key = next(k for k in ("id", "image_id", "category_id", "bbox") if k not in ann)
-        return DatasetError(f"{self.ann_file}: {_where(j, ann)}: missing required field {key!r}")
 
     def _check_categories(self, categories: list[dict[str, Any]]) -> None:
         expected = {c["id"]: c["name"] for c in self.label_space.categories(self.dataset_id)}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from damex.config import LabelPolicy, choices
+from damex.data.coco_json import read_categories
 from damex.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -512,8 +513,6 @@ def build_label_space(
     Returns:
         The label space.
     """
-    from damex.data.coco import read_categories
-
     entries = []
     for name in names:
         spec = catalog.get(name)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from damex.data.converters.coco import load_coco_json
+from damex.data.coco_json import load_coco_json
 from damex.data.converters.common import write_json_atomic
 from damex.errors import DatasetError
 

@@ -41,8 +41,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from damex.data.coco_json import (
+    check_top_level,
+    load_coco_json,
+    parse_annotations,
+    parse_categories,
+    parse_images,
+)
 from damex.data.label_space import LabelSpace
-from damex.errors import DatasetError
 from damex.structures import Detections
 
 __all__ = [
@@ -138,40 +144,34 @@ class DatasetMetrics:
 def load_coco_gt(gt: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
     """Load a COCO GT JSON (path or dict) into a validated copy COCOeval accepts.
 
-    Missing ``iscrowd`` is set to 0 and missing ``area`` to ``w * h`` (COCOeval reads both).
+    The file (or dict) is checked by the package's one COCO-JSON reader
+    (``damex.data.coco_json``: the same errors as the datasets). Missing ``iscrowd`` is set to
+    0 and missing ``area`` to ``w * h`` (COCOeval reads both); in a dict, a missing annotation
+    ``id`` is numbered from 1.
 
     Raises:
-        DatasetError: unreadable file, or missing ``images`` / ``categories`` / ``annotations``
-            keys or malformed annotations (the file and record are named).
+        DatasetError: unreadable file or a malformed record (the file and record are named).
     """
-    source = "<dict>"
     if isinstance(gt, (str, os.PathLike)):
-        source = os.fspath(gt)
-        try:
-            with open(source, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise DatasetError(f"cannot read COCO GT JSON {source}: {e}") from e
+        source: str = os.fspath(gt)
+        data = load_coco_json(source)
     elif isinstance(gt, Mapping):
-        data = gt
+        source = "<COCO GT dict>"
+        data = check_top_level(dict(gt), source)
+        data["annotations"] = [
+            {"id": i + 1, **a} if isinstance(a, Mapping) else a
+            for i, a in enumerate(data["annotations"])
+        ]
     else:
         raise TypeError(f"gt must be a path or a COCO dict, got {type(gt).__name__}")
-    for key in ("images", "categories"):
-        if key not in data or not isinstance(data[key], list):
-            raise DatasetError(f"COCO GT {source}: expected a list under key '{key}'")
+    categories = parse_categories(source, data["categories"])
+    images = parse_images(source, data["images"])
+    parse_annotations(source, data["annotations"], images, [c["id"] for c in categories])
     anns = []
-    for i, a in enumerate(data.get("annotations", [])):
-        try:
-            x, y, w, h = (float(v) for v in a["bbox"])
-            a = {**a, "bbox": [x, y, w, h], "iscrowd": int(a.get("iscrowd", 0))}
-            a.setdefault("area", w * h)
-            a.setdefault("id", i + 1)
-            int(a["image_id"]), int(a["category_id"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DatasetError(
-                f"COCO GT {source}: annotation #{i} must have image_id, category_id and "
-                f"bbox [x, y, w, h], got {a!r} ({e})"
-            ) from e
+    for a in data["annotations"]:
+        x, y, w, h = (float(v) for v in a["bbox"])
+        a = {**a, "bbox": [x, y, w, h], "iscrowd": int(a.get("iscrowd", 0))}
+        a.setdefault("area", w * h)
         anns.append(a)
     out = {k: v for k, v in data.items() if k != "annotations"}
     out["images"] = [dict(im) for im in data["images"]]

@@ -16,12 +16,12 @@ train split from ``instances_val2014.json`` minus those image ids (``exclude_ima
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from damex.data.coco_json import load_coco_json
 from damex.data.converters.common import (
     BadRecord,
     ConversionReport,
@@ -29,13 +29,12 @@ from damex.data.converters.common import (
     OutOfBounds,
     check_not_empty,
     progress_bar,
-    read_text,
     split_builder,
 )
 from damex.data.uodb import COCO_CATEGORY_IDS, COCO_CLASSES
 from damex.errors import DatasetError
 
-__all__ = ["load_coco_json", "convert_coco", "coco2014_val_name"]
+__all__ = ["load_coco_json", "convert_coco", "coco2014_val_name"]  # load_coco_json: re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -45,31 +44,6 @@ _COCO_NAME_OF_ID: dict[int, str] = dict(zip(COCO_CATEGORY_IDS, COCO_CLASSES))
 def coco2014_val_name(file_name: str, image_id: int) -> str:
     """The ``val2014`` file name of a COCO image id (``COCO_val2014_%012d.jpg``)."""
     return f"COCO_val2014_{image_id:012d}.jpg"
-
-
-def load_coco_json(path: Path) -> dict[str, Any]:
-    """Load a COCO JSON, with errors that name the file and line.
-
-    Raises:
-        DatasetError: empty file, invalid JSON (names the line), missing top-level keys.
-    """
-    path = Path(path)
-    try:
-        text = read_text(path)
-    except BadRecord as bad:
-        raise DatasetError(str(bad)) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(
-            f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})"
-        ) from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
-    if missing:
-        raise DatasetError(f"{path}: missing top-level keys {missing}")
-    return data
 
 
 def _check_categories(path: Path, categories: list[Mapping[str, Any]]) -> list[tuple[int, str]]:

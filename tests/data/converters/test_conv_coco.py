@@ -65,7 +65,7 @@ def test_coco_bad_inputs(tmp_path: Path) -> None:
     src = json.loads(SAMPLE.read_text())
     bad = tmp_path / "bad.json"
     bad.write_text('{\n "images": [\n  {"id": 1,}\n ]\n}\n')
-    with pytest.raises(DatasetError, match=r"bad\.json:3: invalid JSON"):
+    with pytest.raises(DatasetError, match=r"bad\.json: invalid JSON at line 3"):
         convert_coco(bad, tmp_path / "c.json")
     bad.write_text("")
     with pytest.raises(DatasetError, match=r"bad\.json: empty annotation file"):
