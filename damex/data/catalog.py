@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from damex.config import DataConfig, DatasetEntry
+from damex.data.synthetic import SPLITS, SYNTHETIC_DATASETS
 from damex.data.uodb import UODB_CLASSES, UODB_DATASETS, UODB_NUM_SLOTS, UODB_TEST_SCALES
 from damex.errors import ConfigError, DatasetError
 
@@ -157,8 +158,6 @@ def _builtin_uodb(root: Path) -> dict[str, DatasetSpec]:
 
 
 def _builtin_synthetic(root: Path) -> dict[str, DatasetSpec]:
-    from damex.data.synthetic import SPLITS, SYNTHETIC_DATASETS
-
     specs = {}
     for name, classes in SYNTHETIC_DATASETS.items():
         base = root / name
@@ -204,10 +203,6 @@ def _apply_entry(
         base = DatasetSpec(name=name, image_root=_resolve(root, entry.image_root or "."))
     elif entry.image_root:
         base = replace(base, image_root=_resolve(root, entry.image_root))
-    if entry.num_slots is not None and entry.num_slots < 1:
-        raise ConfigError(f"{key}.num_slots: must be >= 1, got {entry.num_slots}")
-    if entry.expert is not None and entry.expert < 0:
-        raise ConfigError(f"{key}.expert: must be >= 0, got {entry.expert}")
     overrides: dict[str, object] = {
         "splits": {**base.splits, **splits},
         "image_roots": {**base.image_roots, **image_roots},

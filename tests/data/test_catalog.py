@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from damex.config import DataConfig, DatasetEntry, SyntheticConfig
+from damex.config import DataConfig, DatasetEntry, SyntheticConfig, config_from_dict
 from damex.data.catalog import DatasetCatalog, DatasetSpec, build_catalog, uodb_train_scales
 from damex.data.synthetic import SPLITS, SYNTHETIC_DATASETS
 from damex.data.uodb import UODB_CLASSES, UODB_DATASETS, UODB_TEST_SCALES
@@ -111,8 +111,8 @@ def test_new_entries_need_images_and_splits(tmp_path: Path) -> None:
         build_catalog(_cfg(tmp_path, x=DatasetEntry(image_root="x")))
     with pytest.raises(ConfigError, match=r"data\.datasets\.x\.image_root"):
         build_catalog(_cfg(tmp_path, x=DatasetEntry(splits={"train": "t.json"})))
-    with pytest.raises(ConfigError, match=r"data\.datasets\.coco\.num_slots"):
-        build_catalog(_cfg(tmp_path, coco=DatasetEntry(num_slots=0)))
+    with pytest.raises(ConfigError, match=r"'data\.datasets\.coco\.num_slots' must be >= 1"):
+        config_from_dict({"data": {"train": ["coco"], "datasets": {"coco": {"num_slots": 0}}}})
     with pytest.raises(ConfigError, match=r"data\.datasets\.y"):
         build_catalog(_cfg(tmp_path, y={"image_root": "y", "split": {"train": "t.json"}}))
 
