@@ -16,6 +16,10 @@ replaces an undecodable image by the next readable one; the training loader keep
 substitute (the batch keeps its size and dataset) and the test loaders drop it (an image must
 not be evaluated twice). Both count it per dataset, across worker processes:
 ``loader.skipped_counts()``.
+
+A worker process that dies (killed by the OOM killer, a crash in an image decoder) surfaces as
+a ``DatasetError`` that names the sample it was loading (dataset file, image id, image file):
+every worker records its current sample in shared memory (``_InFlight``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import bisect
 import logging
 import random
+import re
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +167,43 @@ class _SkipCounter:
         return self.table.sum(dim=0).tolist()
 
 
+class _InFlight:
+    """The sample each DataLoader worker is loading now, in shared memory (lock-free).
+
+    Row ``w`` of the ``int64 [num_workers, 2]`` table is ``(dataset position, image index)``
+    while worker ``w`` loads that image, ``(-1, -1)`` otherwise. The main process reads it when
+    a worker dies, to name the sample it died on.
+    """
+
+    def __init__(self, num_workers: int) -> None:
+        self.table = torch.full((max(num_workers, 1), 2), -1, dtype=torch.int64).share_memory_()
+
+    def begin(self, d: int, k: int) -> None:
+        info = get_worker_info()
+        if info is not None:
+            self.table[info.id, 0] = d
+            self.table[info.id, 1] = k
+
+    def end(self) -> None:
+        info = get_worker_info()
+        if info is not None:
+            self.table[info.id] = -1
+
+    def busy(self, worker_ids: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+        """``(worker id, dataset position, image index)`` of the workers loading a sample."""
+        rows = self.table.tolist()
+        ids = range(len(rows)) if worker_ids is None else worker_ids
+        return [(w, rows[w][0], rows[w][1]) for w in ids if 0 <= w < len(rows) and rows[w][0] >= 0]
+
+
+def _describe_sample(ds: CocoDetection, k: int) -> str:
+    try:
+        info = ds.image_info(k)
+        return f"{ds.ann_file}: image id {info.image_id} ({info.path})"
+    except Exception:  # the message must still name the dataset file
+        return f"{ds.ann_file}: index {k}"
+
+
 def _wrap_error(ds: CocoDetection, k: int, what: str, e: Exception) -> DatasetError:
     try:
         info = ds.image_info(k)
@@ -193,6 +236,7 @@ class TrainDataset(Dataset):
         transforms: one train transform per dataset.
         subsets: per dataset, the kept image indices (``data.limited``) or None for all.
         counter: skip counter (one slot per dataset in ``datasets``).
+        in_flight: where workers record the sample they load (default: not recorded).
     """
 
     def __init__(
@@ -201,6 +245,7 @@ class TrainDataset(Dataset):
         transforms: Sequence[SampleTransform],
         subsets: Sequence[Sequence[int] | None],
         counter: _SkipCounter,
+        in_flight: _InFlight | None = None,
     ) -> None:
         if not len(datasets) == len(transforms) == len(subsets):
             raise ValueError("TrainDataset: datasets, transforms and subsets must align")
@@ -210,6 +255,7 @@ class TrainDataset(Dataset):
         self.sizes = [len(d) if s is None else len(s) for d, s in zip(self.datasets, self.subsets)]
         self._ends = np.cumsum(self.sizes).tolist()
         self.counter = counter
+        self.in_flight = in_flight
 
     def __len__(self) -> int:
         return int(sum(self.sizes))
@@ -228,18 +274,27 @@ class TrainDataset(Dataset):
         d, k = self.locate(index)
         return self.datasets[d].image_labels(k)
 
+    def describe(self, d: int, k: int) -> str:
+        """The sample ``(dataset position, image index)`` in words (file and image id)."""
+        return _describe_sample(self.datasets[d], k)
+
     def __getitem__(self, key: tuple[int, int] | int) -> Sample:
         index, seed = key if isinstance(key, tuple) else (key, None)
         d, k = self.locate(int(index))
         ds = self.datasets[d]
+        if self.in_flight is not None:
+            self.in_flight.begin(d, k)
         sample, substituted = _load(ds, k)
         if substituted:  # skip mode: counted, the substitute keeps the batch's size and dataset
             self.counter.add(d)
         rng = np.random.default_rng(seed)
         try:
-            return self.transforms[d](sample, rng)
+            out = self.transforms[d](sample, rng)
         except Exception as e:
             raise _wrap_error(ds, k, "augmentation", e) from e
+        if self.in_flight is not None:
+            self.in_flight.end()
+        return out
 
 
 class EvalDataset(Dataset):
@@ -254,11 +309,17 @@ class EvalDataset(Dataset):
         transform: SampleTransform,
         indices: Sequence[int],
         counter: _SkipCounter,
+        in_flight: _InFlight | None = None,
     ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.indices = list(indices)
         self.counter = counter
+        self.in_flight = in_flight
+
+    def describe(self, d: int, k: int) -> str:
+        """The sample of image index ``k`` in words (``d`` is always 0 here)."""
+        return _describe_sample(self.dataset, k)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -266,14 +327,20 @@ class EvalDataset(Dataset):
     def __getitem__(self, i: int) -> Sample | None:
         k = self.indices[i]
         ds = self.dataset
+        if self.in_flight is not None:
+            self.in_flight.begin(0, k)
         sample, substituted = _load(ds, k)
         if substituted:
             self.counter.add(0)
-            return None
-        try:
-            return self.transform(sample)
-        except Exception as e:
-            raise _wrap_error(ds, k, "test transform", e) from e
+            out = None
+        else:
+            try:
+                out = self.transform(sample)
+            except Exception as e:
+                raise _wrap_error(ds, k, "test transform", e) from e
+        if self.in_flight is not None:
+            self.in_flight.end()
+        return out
 
 
 class _SeededBatches(Sampler[list[tuple[int, int]]]):
@@ -333,16 +400,56 @@ class DamexLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
         delivered = 0
-        for batch in super().__iter__():
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if _WORKER_DIED.search(str(e)) is None:
+                    raise
+                raise self._worker_died(e, it) from e
             delivered += 1
             if self.train_sampler is not None:
                 self.train_sampler.mark_consumed(delivered)
             if batch is not None:
                 yield batch
 
+    def _worker_died(self, err: RuntimeError, it: Any) -> DatasetError:
+        """A ``DatasetError`` naming the sample(s) the dead worker(s) were loading."""
+        in_flight = getattr(self.dataset, "in_flight", None)
+        pids = {int(p) for p in re.findall(r"\d+", _WORKER_DIED.search(str(err)).group(1))}
+        workers = getattr(it, "_workers", [])
+        ids = [w for w, proc in enumerate(workers) if getattr(proc, "pid", None) in pids]
+        busy = in_flight.busy(ids or None) if in_flight is not None else []
+        if busy:
+            samples = "; ".join(self.dataset.describe(d, k) for _, d, k in busy)
+            what = f"while loading {samples}"
+        else:
+            what = "between samples (no sample was being loaded)"
+        how = []
+        for w in ids:
+            code = getattr(workers[w], "exitcode", None)
+            if code is not None and code < 0:
+                how.append(f"worker {w} killed by {signal.Signals(-code).name}")
+            elif code is not None:
+                how.append(f"worker {w} exit code {code}")
+        detail = f"{err}; {', '.join(how)}" if how else str(err)
+        return DatasetError(
+            f"a DataLoader worker died {what} ({detail}). A worker dies when the system kills it "
+            "(out of memory) or an image decoder crashes: check that image, lower "
+            "data.num_workers, or set data.num_workers=0 to load in the main process"
+        )
+
     def skipped_counts(self) -> dict[str, int]:
         """Images replaced (train) or dropped (test) because they could not be read."""
         return dict(zip(self.dataset_names, self.counter.totals()))
+
+
+# torch's messages for a worker that vanished: "DataLoader worker (pid 123) is killed by signal:
+# Killed.", "DataLoader worker (pid(s) 123, 456) exited unexpectedly"
+_WORKER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? ([\d, ]+)\)")
 
 
 def _loader_kwargs(num_workers: int, seed: int, *, persistent: bool) -> dict[str, Any]:
@@ -434,7 +541,9 @@ def build_train_loader(
         subsets.append(subset)
 
     counter = _SkipCounter(len(names), data.num_workers)
-    train_set = TrainDataset(datasets, transforms, subsets, counter)
+    train_set = TrainDataset(
+        datasets, transforms, subsets, counter, in_flight=_InFlight(data.num_workers)
+    )
     factors = None
     if data.sampler == "repeat_factor":
         labels = [train_set.image_labels(i) for i in range(len(train_set))]
@@ -526,7 +635,13 @@ def build_test_loaders(
             )
         count = len(ds) if cfg.eval.max_images <= 0 else min(len(ds), cfg.eval.max_images)
         counter = _SkipCounter(1, data.num_workers)
-        eval_set = EvalDataset(ds, build_transforms(data, spec, train=False), range(count), counter)
+        eval_set = EvalDataset(
+            ds,
+            build_transforms(data, spec, train=False),
+            range(count),
+            counter,
+            in_flight=_InFlight(data.num_workers),
+        )
         loaders[name] = DamexLoader(
             eval_set,
             dataset_names=[name],
