@@ -21,7 +21,7 @@ from damex.moe.losses import (
     router_z_loss,
     switch_loss,
 )
-from damex.moe.mapping import ExpertMap, propose_mapping, validate_expert_map
+from damex.moe.mapping import NO_EXPERT, ExpertMap, propose_mapping, validate_expert_map
 from damex.moe.parallel import (
     ProcessGroupRef,
     all_to_all_autograd,
@@ -39,6 +39,7 @@ from damex.moe.types import RoutingInfo
 __all__ = [
     "ACTIVATIONS",
     "MOE_LOSSES",
+    "NO_EXPERT",
     "ROUTER_KINDS",
     "DispatchPlan",
     "ExpertFFN",

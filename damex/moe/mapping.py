@@ -1,64 +1,54 @@
 """Dataset -> expert maps: validation, a tensor view, and an automatic proposal from data.
 
 The official code keys its map by the *position* of a dataset on the command line (spec Q1);
-here maps are keyed by dataset *name* and validated against the training datasets and ``E``.
+here maps are keyed by dataset *name*. The user's ``moe.expert_map`` is checked at config load
+(``damex.config``, errors naming the file); ``ExpertMap`` is the run's map built from it once.
 Many datasets may share an expert (the paper's 12 sources on 8 experts).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ExpertMap", "propose_mapping", "validate_expert_map"]
+__all__ = ["NO_EXPERT", "ExpertMap", "propose_mapping", "validate_expert_map"]
 
 logger = logging.getLogger(__name__)
 
+NO_EXPERT = -1  # a dataset without an expert (evaluated only, or no DAMEX loss)
 
-def validate_expert_map(
-    mapping: Mapping[str, int], dataset_names: Sequence[str], num_experts: int
-) -> None:
-    """Check a name-keyed dataset -> expert map.
 
-    Args:
-        mapping: dataset name -> expert id.
-        dataset_names: the training datasets (every one must be mapped).
-        num_experts: ``E``; ids must be in ``[0, E)``.
-
-    Raises:
-        ValueError: naming the unknown dataset, the unmapped dataset, or the bad id.
-    """
-    known = set(dataset_names)
-    for name, expert in mapping.items():
-        if name not in known:
-            raise ValueError(
-                f"expert map: unknown dataset {name!r} (training datasets: {sorted(known)})"
-            )
-        if isinstance(expert, bool) or not isinstance(expert, int):
-            raise ValueError(
-                f"expert map: dataset {name!r} maps to {expert!r}; expected an int expert id"
-            )
-        if not 0 <= expert < num_experts:
-            raise ValueError(
-                f"expert map: dataset {name!r} maps to expert {expert}; "
-                f"expected 0 <= id < num_experts={num_experts}"
-            )
-    missing = [n for n in dataset_names if n not in mapping]
-    if missing:
-        raise ValueError(f"expert map: training dataset(s) {missing} have no expert")
+def _check_expert(name: str, expert: Any, num_experts: int, *, allow_none: bool) -> int:
+    if isinstance(expert, bool) or not isinstance(expert, int):
+        raise ValueError(
+            f"expert map: dataset {name!r} maps to {expert!r}; expected an int expert id"
+        )
+    low = NO_EXPERT if allow_none else 0
+    if not low <= expert < num_experts:
+        raise ValueError(
+            f"expert map: dataset {name!r} maps to expert {expert}; "
+            f"expected {low} <= id < num_experts={num_experts}"
+        )
+    return expert
 
 
 @dataclass(frozen=True)
-class ExpertMap:
-    """A validated dataset -> expert map, ordered like the datasets (dataset index = position).
+class ExpertMap(Mapping[str, int]):
+    """The run's dataset -> expert map, one entry per dataset in dataset-index order.
+
+    Built once per run (``ExpertMap.build``), saved in every checkpoint (``to_dict``) and read
+    back from it; the training loss, inference statistics and reports all read this object. As
+    a ``Mapping[str, int]`` it reads like the name-keyed dict of the config; a dataset without
+    an expert (evaluated only) maps to ``NO_EXPERT`` (-1). Datasets may share an expert.
 
     Attributes:
         dataset_names: the datasets, in dataset-index order.
-        experts: expert id of each dataset, same order.
+        experts: expert id of each dataset (``NO_EXPERT`` = none), same order.
         num_experts: ``E``.
     """
 
@@ -66,13 +56,67 @@ class ExpertMap:
     experts: tuple[int, ...]
     num_experts: int
 
+    def __post_init__(self) -> None:
+        if len(self.dataset_names) != len(self.experts):
+            raise ValueError(
+                f"expert map: {len(self.dataset_names)} datasets but {len(self.experts)} experts"
+            )
+        if len(set(self.dataset_names)) != len(self.dataset_names):
+            raise ValueError(f"expert map: duplicate dataset names in {list(self.dataset_names)}")
+        for name, expert in zip(self.dataset_names, self.experts):
+            _check_expert(name, expert, self.num_experts, allow_none=True)
+
+    @classmethod
+    def build(
+        cls,
+        dataset_names: Sequence[str],
+        mapping: Mapping[str, int],
+        num_experts: int,
+        *,
+        defaults: Mapping[str, int | None] | None = None,
+        required: Sequence[str] = (),
+    ) -> ExpertMap:
+        """The map of a run: ``mapping`` first, then ``defaults`` (catalog entries), else none.
+
+        Args:
+            dataset_names: the run's datasets in dataset-index order.
+            mapping: dataset name -> expert id (``moe.expert_map``); names must be datasets of
+                the run.
+            num_experts: ``E``.
+            defaults: dataset name -> default expert (``data.datasets.NAME.expert``) or None.
+            required: datasets that must have an expert (the DAMEX loss's training datasets).
+
+        Raises:
+            ValueError: naming the unknown or unmapped dataset or the bad id (including
+                ``moe.expert_map: auto`` that was not resolved to a mapping first).
+        """
+        if not isinstance(mapping, Mapping):
+            raise ValueError(
+                f"expert map: expected a mapping dataset -> expert id, got {mapping!r} "
+                "('auto' must be resolved to a mapping before the run's map is built)"
+            )
+        names = list(dataset_names)
+        unknown = [n for n in mapping if n not in names]
+        if unknown:
+            raise ValueError(f"expert map: unknown dataset(s) {unknown} (datasets: {names})")
+        experts = []
+        for name in names:
+            expert = mapping.get(name, (defaults or {}).get(name))
+            if expert is None:
+                experts.append(NO_EXPERT)
+            else:
+                experts.append(_check_expert(name, expert, num_experts, allow_none=False))
+        missing = [n for n, e in zip(names, experts) if e == NO_EXPERT and n in required]
+        if missing:
+            raise ValueError(f"expert map: dataset(s) {missing} have no expert")
+        return cls(tuple(names), tuple(experts), num_experts)
+
     @classmethod
     def from_dict(
         cls, mapping: Mapping[str, int], dataset_names: Sequence[str], num_experts: int
     ) -> ExpertMap:
-        """Validate ``mapping`` (see :func:`validate_expert_map`) and order it by dataset index."""
-        validate_expert_map(mapping, dataset_names, num_experts)
-        return cls(tuple(dataset_names), tuple(int(mapping[n]) for n in dataset_names), num_experts)
+        """A map in which every dataset of ``dataset_names`` has an expert (see ``build``)."""
+        return cls.build(dataset_names, mapping, num_experts, required=dataset_names)
 
     def __getitem__(self, dataset_name: str) -> int:
         try:
@@ -82,8 +126,14 @@ class ExpertMap:
                 f"dataset {dataset_name!r} not in the expert map {list(self.dataset_names)}"
             ) from None
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.dataset_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset_names)
+
     def expert_of(self, dataset_id: int) -> int:
-        """Expert of the dataset with index ``dataset_id``."""
+        """Expert of the dataset with index ``dataset_id`` (``NO_EXPERT`` if none)."""
         return self.experts[dataset_id]
 
     def datasets_of(self, expert: int) -> list[str]:
@@ -91,17 +141,29 @@ class ExpertMap:
         return [n for n, e in zip(self.dataset_names, self.experts) if e == expert]
 
     def as_tensor(self, device: torch.device | str | None = None) -> Tensor:
-        """``int64 [D]``: entry ``i`` is the expert of dataset index ``i``.
+        """``int64 [D]``: entry ``i`` is the expert of dataset index ``i`` (-1: none).
 
         ``map.as_tensor()[batch.dataset_ids]`` gives the per-image target of :func:`damex_loss`.
         """
         return torch.tensor(self.experts, dtype=torch.long, device=device)
 
     def to_dict(self) -> dict[str, int]:
-        return dict(zip(self.dataset_names, self.experts))
+        """``{name: expert}`` for the datasets that have one (JSON-able; saved in checkpoints)."""
+        return {n: e for n, e in zip(self.dataset_names, self.experts) if e != NO_EXPERT}
 
     def unused_experts(self) -> list[int]:
         return sorted(set(range(self.num_experts)) - set(self.experts))
+
+
+def validate_expert_map(
+    mapping: Mapping[str, int], dataset_names: Sequence[str], num_experts: int
+) -> None:
+    """Check that ``mapping`` maps every one of ``dataset_names`` (and nothing else) into [0, E).
+
+    Raises:
+        ValueError: naming the unknown dataset, the unmapped dataset, or the bad id.
+    """
+    ExpertMap.from_dict(mapping, dataset_names, num_experts)
 
 
 def _kmeans_pp_init(x: Tensor, k: int, gen: torch.Generator) -> Tensor:

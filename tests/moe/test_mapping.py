@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from damex.moe import ExpertMap, propose_mapping, validate_expert_map
+from damex.moe.mapping import NO_EXPERT
 
 NAMES = ["clipart", "coco", "kitti", "lisa", "voc07"]
 
@@ -81,3 +82,26 @@ def test_propose_mapping_more_experts_than_datasets_and_errors() -> None:
     assert sorted(set(propose_mapping(feats, num_experts=5).values())) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="'bad'"):
         propose_mapping({"bad": torch.zeros(0, 3), "ok": torch.zeros(2, 3)}, 2)
+
+
+def test_run_map_from_config_defaults_and_evaluation_only_datasets() -> None:
+    names = ["coco", "voc07", "mydata", "held_out"]  # held_out: evaluated, never trained
+    emap = ExpertMap.build(
+        names, {"coco": 0, "voc07": 0}, 3, defaults={"mydata": 2, "held_out": None},
+        required=["coco", "voc07", "mydata"],
+    )  # fmt: skip
+    assert dict(emap) == {"coco": 0, "voc07": 0, "mydata": 2, "held_out": NO_EXPERT}
+    assert emap.as_tensor().tolist() == [0, 0, 2, -1]
+    assert emap.to_dict() == {"coco": 0, "voc07": 0, "mydata": 2}  # what a checkpoint stores
+    assert emap.unused_experts() == [1]
+    # a checkpoint's map read back gives the same object
+    again = ExpertMap.build(names, emap.to_dict(), 3)
+    assert again == emap
+    with pytest.raises(ValueError, match=r"\['held_out'\] have no expert"):
+        ExpertMap.build(names, emap.to_dict(), 3, required=names)
+    with pytest.raises(ValueError, match="'auto' must be resolved"):
+        ExpertMap.build(names, "auto", 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'mydata' maps to expert 3"):
+        ExpertMap.build(names, {}, 3, defaults={"mydata": 3})
+    with pytest.raises(ValueError, match="'coco' maps to expert 5"):
+        ExpertMap(("coco",), (5,), 3)  # e.g. a checkpoint of another E
