@@ -88,6 +88,9 @@ Activation = Literal["gelu", "relu"]
 MoELoss = Literal["damex", "load_importance", "load_importance_corrected", "switch", "none"]
 TokenSelection = Literal["all", "matching_only", "foreground", "exclude_dn"]  # decoder tokens
 LogitsSource = Literal["clean", "noisy"]  # router logits before / after the training noise
+MoENorm = Literal["pre", "post"]  # MoE sub-block: x + MoE(LN(x)) (DAMEX) | LN(x + MoE(x)) (dense)
+ExpertInit = Literal["independent", "identical"]  # routed experts: own init | copies of one
+MoELossSchedule = Literal["constant", "ramp", "decay"]  # MoE loss weight over training
 Schedule = Literal["step", "multistep", "cosine", "time_cosine"]
 AmpMode = Literal["none", "bf16", "fp16"]
 DeviceKind = Literal["auto", "cpu", "cuda"]
@@ -255,6 +258,16 @@ class MoEConfig:
     expert_map: Any = field(default_factory=dict)
     # under torchrun: E/W experts per rank (needs E % W == 0, checked by build_model)
     expert_parallel: bool = False
+    # recipe options (README "Making the mixture pay")
+    norm: MoENorm = "pre"
+    shared_expert: bool = False  # DeepSeekMoE: a shared FFN for every token, added to the routed
+    unit_gate: bool = False  # top-1 combine weight 1 (straight-through gradient to the router)
+    expert_init: ExpertInit = "independent"
+    loss_schedule: MoELossSchedule = "constant"
+    loss_ramp_frac: float = 0.25  # ramp: fraction of training to reach loss_weight
+    loss_weight_final: float = 0.1  # decay: the weight at the end of training
+    upcycle_from: str = ""  # a dense run's checkpoint: experts start as its FFNs (fresh runs)
+    upcycle_noise: float = 0.0  # std of the noise on upcycled experts, relative to the weights'
 
 
 @dataclass(frozen=True)
@@ -613,7 +626,7 @@ _NON_NEGATIVE = (
     "train.lr_backbone", "train.weight_decay", "train.clip_max_norm", "train.warmup_iters",
     "train.eval_every", "train.checkpoint_every", "data.num_workers", "data.epoch_size",
     "data.test_scale", "eval.max_images", "model.accel.one_to_many_queries",
-    "model.accel.dense_head_queries",
+    "model.accel.dense_head_queries", "moe.loss_weight_final", "moe.upcycle_noise",
 )  # fmt: skip
 
 
@@ -643,6 +656,10 @@ def _validate(cfg: Config, source: str, origin: Mapping[str, str]) -> None:
         )
     if not 0.0 <= cfg.moe.drop_path < 1.0:
         fail("moe.drop_path", f"must be in [0, 1), got {cfg.moe.drop_path}")
+    if not 0.0 < cfg.moe.loss_ramp_frac <= 1.0:
+        fail("moe.loss_ramp_frac", f"must be in (0, 1], got {cfg.moe.loss_ramp_frac}")
+    if cfg.moe.unit_gate and cfg.moe.top_k != 1:
+        fail("moe.unit_gate", f"needs moe.top_k = 1, got {cfg.moe.top_k}")
     if not 0.0 < cfg.train.ema_decay < 1.0:
         fail("train.ema_decay", f"must be in (0, 1), got {cfg.train.ema_decay}")
     if not cfg.data.scales or min(cfg.data.scales) <= 0:

@@ -88,8 +88,13 @@ def _build_moe_block(
         fc2_bias=moe_cfg.fc2_bias,
         normalize_gate=moe_cfg.normalize_gate,
         expert_parallel_group=group,
+        shared_expert=moe_cfg.shared_expert,
+        unit_gate=moe_cfg.unit_gate,
+        expert_init=moe_cfg.expert_init,
     )
-    return MoEBlock(moe=moe, d_model=model_cfg.d_model, drop_path=moe_cfg.drop_path)
+    return MoEBlock(
+        moe=moe, d_model=model_cfg.d_model, drop_path=moe_cfg.drop_path, norm=moe_cfg.norm
+    )
 
 
 def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, num_classes: int) -> nn.Module:

@@ -712,4 +712,7 @@ def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
         balance_tokens=cfg.moe.balance_tokens,
         z_loss_weight=cfg.moe.z_loss_weight if cfg.uses_moe else 0.0,
         gate_noise=cfg.moe.gate_noise,
+        moe_schedule=cfg.moe.loss_schedule,
+        moe_ramp_frac=cfg.moe.loss_ramp_frac,
+        moe_weight_final=cfg.moe.loss_weight_final,
     )

@@ -142,3 +142,34 @@ def test_criterion_applies_the_schedule_to_the_moe_term() -> None:
     assert const.set_progress(0.7) == 0.3
     with pytest.raises(ValueError, match="schedule"):
         SetCriterion(num_classes=3, matcher=HungarianMatcher(), moe_schedule="step")
+
+
+def test_recipe_config_fields_reach_the_model_and_criterion(tmp_path) -> None:
+    from damex.config import load_config
+    from damex.errors import ConfigError
+    from damex.modeling import build_model
+    from damex.modeling.criterion import build_criterion
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "data:\n  train: [a]\nmodel:\n  decoder_ffn: [moe, dense, moe, dense, moe, dense]\n"
+        "  backbone:\n    name: resnet18\nmoe:\n  expert_map: {a: 0}\n"
+    )
+    cfg = load_config(
+        path,
+        ["moe.shared_expert=true", "moe.norm=post", "moe.unit_gate=true", "moe.num_experts=2",
+         "moe.expert_init=identical", "moe.loss_schedule=ramp", "moe.loss_weight=0.5"],
+    )  # fmt: skip
+    block = build_model(cfg.model, cfg.moe, 3).transformer.decoder.layers[2].ffn
+    assert isinstance(block, MoEBlock) and block.norm_position == "post"
+    assert block.moe.shared is not None and block.moe.unit_gate
+    assert torch.equal(block.moe.experts[0].fc1.weight, block.moe.experts[1].fc1.weight)
+    crit = build_criterion(cfg, 3)
+    assert crit.moe_schedule == "ramp" and crit.moe_weight == 0.0
+    assert crit.set_progress(1.0) == 0.5
+    with pytest.raises(ConfigError, match=r"moe\.norm"):
+        load_config(path, ["moe.norm=sandwich"])
+    with pytest.raises(ConfigError, match=r"moe\.unit_gate"):
+        load_config(path, ["moe.unit_gate=true", "moe.top_k=2"])
+    with pytest.raises(ConfigError, match=r"moe\.loss_ramp_frac"):
+        load_config(path, ["moe.loss_ramp_frac=0"])
