@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeVar
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from damex.config import BadSamplePolicy, OutOfBoundsPolicy, choices
 from damex.errors import DatasetError
 
 __all__ = [
@@ -64,8 +65,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OnBadSample = Literal["error", "skip"]
-OutOfBounds = Literal["clip", "error"]
+OnBadSample = BadSamplePolicy  # the config schema's choice types (data.on_bad_sample, ...)
+OutOfBounds = OutOfBoundsPolicy
 # What to do with objects a dataset flags as hard (VOC/DOTA ``difficult``, WIDER ``invalid``):
 # "ignore" writes them as COCO ignore regions (iscrowd=1), "drop" leaves them out, "keep" writes
 # them as ordinary boxes (what DAMEX's own voc_to_coco.py did: it never read <difficult>).
@@ -169,7 +170,7 @@ class Issues:
     """
 
     def __init__(self, report: ConversionReport, on_bad_sample: OnBadSample) -> None:
-        check_choice("on_bad_sample", on_bad_sample, ("error", "skip"))
+        check_choice("on_bad_sample", on_bad_sample, choices(BadSamplePolicy))
         self.report = report
         self.on_bad_sample = on_bad_sample
 
@@ -243,7 +244,7 @@ class CocoBuilder:
         out_of_bounds: OutOfBounds = "clip",
         description: str = "",
     ) -> None:
-        check_choice("out_of_bounds", out_of_bounds, ("clip", "error"))
+        check_choice("out_of_bounds", out_of_bounds, choices(OutOfBoundsPolicy))
         self.categories = [{"id": int(i), "name": str(n)} for i, n in categories]
         self._category_ids = {c["id"] for c in self.categories}
         self.report = report
