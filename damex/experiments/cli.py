@@ -14,14 +14,15 @@ from damex.errors import DamexError
 __all__ = ["build_parser", "main"]
 
 _DESCRIPTION = """\
-Run every variant of an experiment spec with every seed, one run after another, each as a
-`damex train` subprocess (budget: train.max_iters, or train.time_budget_min when the spec
-gives minutes), then `damex evaluate` of its last checkpoint on each eval split (val and test by
-default). One JSON line per finished run goes to OUT/results.jsonl: variant, seed, config hash,
-git commit, iterations, training seconds and iteration rate, per-dataset COCO AP/AP50 (and VOC
-AP50 when evaluation reports it) on every split, and the order-independent routing metrics of
-MoE models (best-assignment accuracy, NMI, routing entropy, active experts; plus the accuracy
-against the configured map).
+Run every variant of an experiment spec with every seed, one run after another, each as a `damex
+train` subprocess (budget: train.max_iters, or train.time_budget_min when the spec gives
+minutes); its final evaluation gives the test split, and `damex evaluate` of its last checkpoint
+every other eval split (val; the spec's eval_splits, default [val, test]). One JSON line per
+finished run goes to OUT/results.jsonl: variant, seed, config hash, git commit, iterations,
+training seconds and iteration rate, per-dataset COCO AP/AP50 (and VOC AP50 when evaluation
+reports it) on every split, and the order-independent routing metrics of MoE models (best-
+assignment accuracy, NMI, routing entropy, active experts; plus the accuracy against the
+configured map).
 
 Resumable: runs already in results.jsonl are skipped, so a killed runner continues where it
 stopped (the interrupted run starts again); specs sharing an output folder share runs of the
@@ -56,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-runs", type=int, default=None, help="stop after this many new runs (resumable)"
     )
     p.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="run only these")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs at the same time, in plan order (seed-major: with one per variant, the "
+        "variants of a seed train side by side under the same load); default 1",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS / MKL_NUM_THREADS of each run's processes (default: inherited)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands of unfinished runs")
     p.add_argument(
         "--summary-only",
@@ -96,7 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures = spec.output / FAILURES
         before = failures.stat().st_size if failures.is_file() else 0
         records = run_experiments(
-            spec, max_runs=args.max_runs, only=args.only, dry_run=args.dry_run
+            spec,
+            max_runs=args.max_runs,
+            only=args.only,
+            dry_run=args.dry_run,
+            parallel=args.parallel,
+            threads=args.threads,
         )
     except DamexError as exc:
         print(f"damex experiments: error: {exc}", file=sys.stderr)

@@ -7,20 +7,22 @@ what a user gets from ``damex train``. For one run (``OUT/runs/<variant>/seed<se
    train.time_budget_min=0 [train.schedule=cosine] output.dir=RUN output.overwrite=true`` (an
    iteration budget replaces a ``time_cosine`` schedule by the iteration cosine; the routing
    report of a MoE model is written to ``RUN/routing``);
-2. ``damex evaluate`` of ``RUN/last.pth`` on each of ``eval_splits`` (``data.test_split=val`` ...),
-   into ``RUN/eval_<split>`` (results + detections);
+2. the metrics of each of ``eval_splits``: the config's own ``data.test_split`` (``test``) is read
+   from the training run's final evaluation (``RUN/eval/results.json``, no second pass); any
+   other split (``val``) is a ``damex evaluate`` of ``RUN/last.pth`` with
+   ``data.test_split=<split>``, into ``RUN/eval_<split>`` (results + detections);
 3. one JSON line appended to ``OUT/results.jsonl``: identity (variant, seed, config hash, git
    commit), budget, iterations, training seconds and iteration rate, per-dataset COCO AP / AP50
    (and UODB's VOC AP50 where the evaluation reports it) per split, and the order-independent
    routing metrics of the test split (``damex.moe.stats``).
 
-A run is finished when its line is in ``results.jsonl``: a resumed runner skips it, and so does
-another spec with the same output folder, variant name, seed and resolved config (shared
-baselines run once). A run that was
-cut short (killed runner) leaves no line and starts again from scratch. Runs go seed-major
-(seed 0 of every variant, then seed 1, ...), so a spec stopped halfway still compares the
-variants on the same seeds. ``OUT/runner.lock`` holds the runner's pid: a second runner on the
-same folder is refused while the first is alive.
+Runs go one after another, or ``parallel`` at a time (``threads`` sets the subprocesses'
+``OMP_NUM_THREADS``). A run is finished when its line is in ``results.jsonl``: a resumed runner
+skips it, and so does another spec with the same output folder, variant name, seed and resolved
+config (shared baselines run once). A run that was cut short (killed runner) leaves no line and
+starts again from scratch. Runs go seed-major (seed 0 of every variant, then seed 1, ...), so a
+spec stopped halfway still compares the variants on the same seeds. ``OUT/runner.lock`` holds
+the runner's pid: a second runner on the same folder is refused while the first is alive.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +88,7 @@ class PlannedRun:
     run_dir: Path
     overrides: tuple[str, ...]
     config_hash: str
+    train_split: str = "test"
 
     @property
     def key(self) -> str:
@@ -151,8 +156,17 @@ def plan_runs(spec: ExperimentSpec) -> list[PlannedRun]:
                 "output.overwrite=true",
                 "output.tensorboard=false",
             )
-            resolved = config_to_dict(load_config(variant.config, list(overrides)))
-            runs.append(PlannedRun(variant, seed, run_dir, overrides, config_hash(resolved)))
+            full = load_config(variant.config, list(overrides))
+            runs.append(
+                PlannedRun(
+                    variant,
+                    seed,
+                    run_dir,
+                    overrides,
+                    config_hash(config_to_dict(full)),
+                    train_split=full.data.test_split,
+                )
+            )
     return runs
 
 
@@ -204,10 +218,8 @@ def _git_state() -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
-def _subprocess(cmd: list[str], log: Path, what: str) -> float:
+def _subprocess(cmd: list[str], log: Path, what: str, env: dict[str, str]) -> float:
     """Run ``cmd`` with stdout+stderr to ``log``; returns its wall seconds."""
-    env = dict(os.environ)
-    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
@@ -301,8 +313,20 @@ def _train_timing(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def collect_run(spec: ExperimentSpec, run: PlannedRun, walls: dict[str, float]) -> dict[str, Any]:
-    """The ``results.jsonl`` record of a finished run (reads its files)."""
+def collect_run(
+    spec: ExperimentSpec,
+    run: PlannedRun,
+    walls: dict[str, float],
+    split_results: dict[str, Path],
+) -> dict[str, Any]:
+    """The ``results.jsonl`` record of a finished run (reads its files).
+
+    Args:
+        spec: the spec.
+        run: the run.
+        walls: wall seconds of its subprocesses.
+        split_results: split -> the ``results.json`` of its evaluation.
+    """
     rec: dict[str, Any] = {
         "spec": spec.name,
         "variant": run.variant.name,
@@ -317,9 +341,7 @@ def collect_run(spec: ExperimentSpec, run: PlannedRun, walls: dict[str, float]) 
         **_train_timing(run.run_dir),
         "wall_s": walls,
         "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "metrics": {
-            s: _split_metrics(run.run_dir / f"eval_{s}" / "results.json") for s in spec.eval_splits
-        },
+        "metrics": {s: _split_metrics(path) for s, path in split_results.items()},
     }
     stats = run.run_dir / "routing" / "routing_stats.json"
     rec["routing"] = routing_record(stats) if stats.is_file() else None
@@ -352,21 +374,58 @@ def _take_lock(out: Path) -> Path:
     return lock
 
 
+def _execute_run(
+    spec: ExperimentSpec, run: PlannedRun, python: str, env: dict[str, str]
+) -> dict[str, Any]:
+    """Train and evaluate one run from scratch; returns its record (raises on failure)."""
+    if run.run_dir.exists():  # a run cut short: start it again from scratch
+        shutil.rmtree(run.run_dir)
+    run.run_dir.mkdir(parents=True)
+    load0 = os.getloadavg()[0]
+    walls = {
+        "train": _subprocess(
+            run.train_command(python), run.run_dir / "train.log", f"train {run.key}", env
+        )
+    }
+    split_results = {}
+    for s in spec.eval_splits:
+        final = run.run_dir / "eval" / "results.json"  # the trainer's final eval
+        if s == run.train_split and final.is_file():
+            split_results[s] = final
+            continue
+        walls[f"eval_{s}"] = _subprocess(
+            run.eval_command(s, python),
+            run.run_dir / f"eval_{s}.log",
+            f"evaluate {run.key} on {s}",
+            env,
+        )
+        split_results[s] = run.run_dir / f"eval_{s}" / "results.json"
+    record = collect_run(spec, run, walls, split_results)
+    record["load_avg_1min"] = [load0, os.getloadavg()[0]]
+    return record
+
+
 def run_experiments(
     spec: ExperimentSpec,
     *,
     max_runs: int | None = None,
     only: list[str] | None = None,
     dry_run: bool = False,
+    parallel: int = 1,
+    threads: int | None = None,
     python: str = sys.executable,
 ) -> list[dict[str, Any]]:
-    """Run the spec's unfinished runs one after another, then write the summary.
+    """Run the spec's unfinished runs, then write the summary.
 
     Args:
         spec: the experiment spec.
         max_runs: stop after this many new runs (run a long spec in pieces).
         only: run only these variants (the summary still covers all finished runs).
         dry_run: print the commands of the unfinished runs, run nothing.
+        parallel: runs at the same time (in plan order: with ``parallel`` = the number of
+            variants, the variants of one seed train side by side, under the same machine load,
+            so their iteration rates compare directly).
+        threads: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` of the subprocesses (None: inherit).
         python: interpreter for the ``damex`` subprocesses.
 
     Returns:
@@ -374,6 +433,8 @@ def run_experiments(
     """
     from damex.experiments.summary import write_summary
 
+    if parallel < 1:
+        raise ConfigError(f"parallel must be >= 1, got {parallel}")
     runs = plan_runs(spec)
     if only:
         unknown = sorted(set(only) - {v.name for v in spec.variants})
@@ -385,11 +446,13 @@ def run_experiments(
     results_path = out / RESULTS
     done = {r.get("key") for r in read_results(results_path)}
     todo = [r for r in runs if r.key not in done]
+    if max_runs is not None:
+        todo = todo[: max(max_runs, 0)]
     logger.info(
-        "experiment %s: %d runs, %d finished, %d to run -> %s",
+        "experiment %s: %d runs, %d finished, %d to run now -> %s",
         spec.name,
         len(runs),
-        len(runs) - len(todo),
+        len(runs) - len([r for r in runs if r.key not in done]),
         len(todo),
         out,
     )
@@ -397,36 +460,23 @@ def run_experiments(
         for r in todo:
             print(" ".join(r.train_command(python)))
             for s in spec.eval_splits:
-                print(" ".join(r.eval_command(s, python)))
+                if s != r.train_split:
+                    print(" ".join(r.eval_command(s, python)))
         return read_results(results_path)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{spec.name}.spec.yaml").write_text(
         yaml.safe_dump(_spec_record(spec), sort_keys=False), encoding="utf-8"
     )
+    env = dict(os.environ)
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     lock = _take_lock(out)
-    try:
-        for n, run in enumerate(todo):
-            if max_runs is not None and n >= max_runs:
-                logger.info("stopping after %d runs (--max-runs)", max_runs)
-                break
-            logger.info("[%d/%d] %s", n + 1, len(todo), run.key)
-            if run.run_dir.exists():  # a run cut short: start it again from scratch
-                shutil.rmtree(run.run_dir)
-            run.run_dir.mkdir(parents=True)
-            try:
-                walls = {
-                    "train": _subprocess(
-                        run.train_command(python), run.run_dir / "train.log", f"train {run.key}"
-                    )
-                }
-                for s in spec.eval_splits:
-                    walls[f"eval_{s}"] = _subprocess(
-                        run.eval_command(s, python),
-                        run.run_dir / f"eval_{s}.log",
-                        f"evaluate {run.key} on {s}",
-                    )
-                record = collect_run(spec, run, walls)
-            except (RunFailed, OSError, KeyError, ValueError) as err:
+    write_lock = threading.Lock()
+
+    def finish(run: PlannedRun, record: dict[str, Any] | None, err: Exception | None) -> None:
+        with write_lock:
+            if err is not None:
                 logger.error("run %s failed: %s", run.key, err)
                 _append_line(
                     out / FAILURES,
@@ -436,18 +486,34 @@ def run_experiments(
                         "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                     },
                 )
-                continue
+                return
+            assert record is not None
+            record["parallel"], record["threads"] = parallel, threads
             _append_line(results_path, record)
+            split = "test" if "test" in record["metrics"] else spec.eval_splits[-1]
             logger.info(
-                "%s: test AP50 %.3f, %d iterations in %.0f s",
+                "%s: %s AP50 %.3f, %d iterations in %.0f s",
                 run.key,
-                record["metrics"].get("test", record["metrics"][spec.eval_splits[-1]])["mean"][
-                    "AP50"
-                ],
+                split,
+                record["metrics"][split]["mean"]["AP50"],
                 record["iterations"],
                 record["train_s"],
             )
             write_summary(spec, read_results(results_path), keys=keys)
+
+    def work(n: int, run: PlannedRun) -> None:
+        logger.info("[%d/%d] %s", n + 1, len(todo), run.key)
+        try:
+            record = _execute_run(spec, run, python, env)
+        except (RunFailed, OSError, KeyError, ValueError) as err:
+            finish(run, None, err)
+        else:
+            finish(run, record, None)
+
+    try:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            for future in [pool.submit(work, n, run) for n, run in enumerate(todo)]:
+                future.result()
     finally:
         lock.unlink(missing_ok=True)
     records = read_results(results_path)
