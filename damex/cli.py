@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from damex.config import TokenSelection, choices
 from damex.errors import DamexError
 
 __all__ = ["main", "build_parser"]
