@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from damex.config import TokenSelection, choices
+from damex.config import TokenSelection, choices
 from damex.errors import DamexError
 
 __all__ = ["main", "build_parser"]
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokens",
         default=None,
-        choices=["all", "matching_only", "foreground", "exclude_dn"],
+        choices=choices(TokenSelection),
         help="which decoder tokens to count (default: eval.routing_tokens)",
     )
 

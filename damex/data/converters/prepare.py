@@ -64,6 +64,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from damex.config import BadSamplePolicy, OutOfBoundsPolicy, choices
+from damex.config import BadSamplePolicy, OutOfBoundsPolicy, choices
 from damex.data.converters.coco import coco2014_val_name, convert_coco, load_coco_json
 from damex.data.converters.common import (
     FLAG_POLICIES,
@@ -158,8 +159,8 @@ class PrepareOptions:
                 raise ValueError(f"splits must name at least one of {SPLITS}, got ()")
             for split in self.splits:
                 check_choice("splits", split, SPLITS)
-        check_choice("on_bad_sample", self.on_bad_sample, ("error", "skip"))
-        check_choice("out_of_bounds", self.out_of_bounds, ("clip", "error"))
+        check_choice("on_bad_sample", self.on_bad_sample, choices(BadSamplePolicy))
+        check_choice("out_of_bounds", self.out_of_bounds, choices(OutOfBoundsPolicy))
         check_choice("difficult", self.difficult, FLAG_POLICIES)
         check_choice("layout", self.layout, ("auto", "original", "uodb-voc"))
         for name in ("kitti_test_fraction", "lisa_test_fraction"):
@@ -850,8 +851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help=f"subset of {UODB_DATASETS} (default: all)",
     )
-    parser.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
-    parser.add_argument("--out-of-bounds", choices=("clip", "error"), default="clip")
+    parser.add_argument("--on-bad-sample", choices=choices(BadSamplePolicy), default="error")
+    parser.add_argument("--out-of-bounds", choices=choices(OutOfBoundsPolicy), default="clip")
     parser.add_argument(
         "--difficult",
         choices=FLAG_POLICIES,
