@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from damex.config import TokenSelection, choices
-from damex.config import TokenSelection, choices
 from damex.errors import DamexError
 
 __all__ = ["main", "build_parser"]

@@ -64,7 +64,6 @@ from typing import Literal
 from tqdm import tqdm
 
 from damex.config import BadSamplePolicy, OutOfBoundsPolicy, choices
-from damex.config import BadSamplePolicy, OutOfBoundsPolicy, choices
 from damex.data.converters.coco import coco2014_val_name, convert_coco, load_coco_json
 from damex.data.converters.common import (
     FLAG_POLICIES,
