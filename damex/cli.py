@@ -115,10 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = sub.add_parser("make-synthetic", help="generate the built-in multi-domain benchmark")
-    p.add_argument("--out", default="data/synthetic", help="output folder")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: data/synthetic, or with --alt "
+        "data/synthetic_alt, where the catalog looks for the alt_* datasets)"
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every image count")
     p.add_argument("--image-size", type=int, default=256, help="longest image side in pixels")
+    p.add_argument(
+        "--alt", action="store_true",
+        help="the second benchmark (damex.data.synthetic_alt: 4 other domains, 10:1 sizes)",
+    )  # fmt: skip
 
     for name, text in (
         ("prepare-uodb", "rebuild UODB as COCO JSON from the original releases"),
@@ -138,6 +145,16 @@ def _load(args: argparse.Namespace):  # -> Config
     from damex.config import load_config
 
     return load_config(args.config, args.overrides)
+
+
+def _check_checkpoint(path: str) -> None:
+    """A missing, truncated or damaged checkpoint fails here, before any output is written."""
+    from damex.engine.checkpoint import verify_checkpoint_file
+    from damex.errors import CheckpointError
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    verify_checkpoint_file(path)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -169,6 +186,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_checkpoint(args.checkpoint)
     from damex.engine.report import evaluate_checkpoint
 
     results = evaluate_checkpoint(
@@ -181,6 +199,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_checkpoint(args.checkpoint)
     from damex.engine.report import visualize_routing
 
     out = args.out or str(Path(args.checkpoint).resolve().parent / "routing")
@@ -191,6 +210,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_checkpoint(args.checkpoint)
     from damex.engine.report import run_demo
 
     written = run_demo(cfg, args.checkpoint, args.input, args.out, args.score_threshold)
@@ -209,12 +229,20 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     from damex.data.synthetic import generate_benchmark
     from damex.errors import DatasetError
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise DatasetError(f"--out {args.out} is a file; expected a folder for the benchmark")
+    out = args.out or ("data/synthetic_alt" if args.alt else "data/synthetic")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise DatasetError(f"--out {out} is a file; expected a folder for the benchmark")
 
-    summary = generate_benchmark(
-        Path(args.out), seed=args.seed, scale=args.scale, image_size=args.image_size
-    )
+    if args.alt:
+        from damex.data.synthetic_alt import generate_alt_benchmark
+
+        summary = generate_alt_benchmark(
+            Path(out), seed=args.seed, scale=args.scale, image_size=args.image_size
+        )
+    else:
+        summary = generate_benchmark(
+            Path(out), seed=args.seed, scale=args.scale, image_size=args.image_size
+        )
     print(summary if isinstance(summary, str) else _format_summary(summary))
     return 0
 

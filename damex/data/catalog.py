@@ -9,6 +9,7 @@ Built-in layout (see data/README.md)::
 
     {data.root}/uodb/NAME/annotations/{train,test}.json    images: {data.root}/uodb/NAME/images
     {synthetic.root}/NAME/annotations/{train,val,test}.json  images: {synthetic.root}/NAME/images
+    {data.root}/synthetic_alt/alt_*/annotations/{train,val,test}.json   (damex.data.synthetic_alt)
 """
 
 from __future__ import annotations
@@ -170,6 +171,21 @@ def _builtin_synthetic(root: Path) -> dict[str, DatasetSpec]:
     return specs
 
 
+def _builtin_synthetic_alt(root: Path) -> dict[str, DatasetSpec]:
+    """The second generated benchmark (``damex.data.synthetic_alt``) under ``root``."""
+    from damex.data.synthetic_alt import ALT_DATASETS, SPLITS
+
+    return {
+        name: DatasetSpec(
+            name=name,
+            image_root=root / name / "images",
+            splits={s: root / name / "annotations" / f"{s}.json" for s in SPLITS},
+            classes=list(classes),
+        )
+        for name, classes in ALT_DATASETS.items()
+    }
+
+
 def _resolve(root: Path, path: str) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else root / p
@@ -233,6 +249,7 @@ def build_catalog(data_cfg: DataConfig) -> DatasetCatalog:
     root = Path(data_cfg.root).expanduser()
     specs = _builtin_uodb(root)
     specs.update(_builtin_synthetic(Path(data_cfg.synthetic.root).expanduser()))
+    specs.update(_builtin_synthetic_alt(root / "synthetic_alt"))
     for name, entry in data_cfg.datasets.items():
         specs[name] = _apply_entry(name, entry, root, specs.get(name))
     return DatasetCatalog(specs)
