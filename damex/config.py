@@ -686,7 +686,7 @@ def _validate(cfg: Config, source: str, origin: Mapping[str, str]) -> None:
         if entry.num_slots is not None and entry.num_slots < 1:
             fail(f"data.datasets.{name}.num_slots", f"must be >= 1, got {entry.num_slots}")
         expert = entry.expert
-        if expert is not None and (expert < 0 or cfg.uses_moe and expert >= cfg.moe.num_experts):
+        if expert is not None and not 0 <= expert < cfg.moe.num_experts:
             fail(
                 f"data.datasets.{name}.expert",
                 f"= {expert} is out of range [0, moe.num_experts={cfg.moe.num_experts})",
