@@ -148,10 +148,16 @@ def upcycle_(
                 else:
                     ffn.fc2.bias.copy_(b2 * split)
         if noise > 0:  # routed experts only; a fresh draw per expert
-            for expert in targets:
-                for p in (expert.fc1.weight, expert.fc2.weight):
-                    scale = noise * float(p.std())
-                    p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+            # drawn for every global expert id, applied to the held ones: an expert-parallel
+            # shard gets the same noise as the single-process model's experts
+            held = dict(zip(moe.experts.expert_ids, targets, strict=True))
+            for e in range(moe.num_experts):
+                for kind in ("fc1", "fc2"):
+                    like = getattr(targets[0], kind).weight
+                    draw = torch.randn(like.shape, generator=generator, dtype=like.dtype)
+                    if e in held:
+                        p = getattr(held[e], kind).weight
+                        p.add_(draw * (noise * float(p.std())))
         report.upcycled_layers.append(prefix)
         report.fresh.append(f"{prefix}.moe.router")
         # exactness: the block must compute LN(x + FFN(x)) at init
