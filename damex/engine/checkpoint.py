@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 import zipfile
@@ -158,6 +160,14 @@ def _rotate_previous(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _remove_stale_tmp(path: Path) -> None:
+    """Remove temporary files of ``path`` (and of its previous copy) left by a killed writer."""
+    for name in (path.name, previous_path(path).name):
+        for stale in path.parent.glob(f".{name}.*.tmp"):
+            logger.info("removing %s, left by an interrupted checkpoint write", stale)
+            stale.unlink(missing_ok=True)
+
+
 class _ErrorRecordingWriter:
     """Passes writes to a file and keeps the ``OSError`` of a failed one (e.g. ENOSPC)."""
 
@@ -202,6 +212,7 @@ def save_checkpoint(
     check_plain(state, "state")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(path)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
@@ -253,6 +264,14 @@ def load_checkpoint(
     verify_checkpoint_file(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"an object of type {found.group(1)}" if found else "a non-tensor object"
+        raise CheckpointError(
+            f"checkpoint {path} holds {what}; only tensors and plain containers load with "
+            "weights_only=True (its code is not run: a checkpoint written by damex never holds "
+            "one)"
+        ) from e
     except Exception as e:
         raise CheckpointError(
             f"cannot load checkpoint {path} (corrupt, truncated or not a weights_only "

@@ -749,6 +749,7 @@ def prepare_uodb(
             )
         plans[name] = plan
 
+    created_out = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -756,6 +757,7 @@ def prepare_uodb(
     reports: dict[str, dict[str, ConversionReport]] = {}
     staged: dict[str, Path] = {}
     total = sum(len(p.jobs) for p in plans.values())
+    committed = False
     try:
         with tqdm(total=total, desc="UODB", unit="split", disable=not progress) as bar:
             for name, plan in plans.items():
@@ -787,6 +789,7 @@ def prepare_uodb(
                 if not plan.writes_images:
                     _prepare_images(plan, stage / "images")
         # Every split of every dataset converted: only now does anything under out change.
+        committed = True
         for name, stage in staged.items():
             _commit(stage, out / name)
             logger.info("%s: written to %s", name, out / name)
@@ -794,6 +797,11 @@ def prepare_uodb(
         for stage in staged.values():
             if stage.exists():
                 shutil.rmtree(stage, ignore_errors=True)
+        if created_out and not committed:
+            try:
+                out.rmdir()  # the output folder this run created, empty again
+            except OSError:
+                pass
     return reports
 
 
