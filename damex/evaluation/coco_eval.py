@@ -11,6 +11,8 @@ Protocol (official DAMEX ``engine.py`` / ``datasets/coco_eval.py``, spec §5):
 - the headline numbers are AP@[.5:.95] (``stats[0]``) and AP50 (``stats[1]``) per dataset and
   their means over datasets; a dataset whose test JSON is another's (voc12 -> voc07) is counted
   once;
+- beside them, UODB's protocol: the VOC mean AP at IoU 0.5 of each dataset and their mean
+  (``voc_ap50``; ``damex.evaluation.voc_eval``);
 - the ``restrict_to_dataset_labels`` oracle (scores restricted to the dataset's slice before
   top-K) uses the dataset identity, so it is evaluated from a second detection set and reported
   in separate columns.
@@ -49,6 +51,7 @@ from damex.data.coco_json import (
     parse_images,
 )
 from damex.data.label_space import LabelSpace
+from damex.evaluation.voc_eval import VOCMetric, voc_eval
 from damex.structures import Detections
 
 __all__ = [
@@ -76,7 +79,7 @@ _STAT_FIELDS: tuple[str, ...] = (
 # columns of the markdown table (display name, DatasetMetrics attribute)
 _TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("AP", "ap"), ("AP50", "ap50"), ("AP75", "ap75"), ("APs", "ap_small"),
-    ("APm", "ap_medium"), ("APl", "ap_large"), ("AR100", "ar100"),
+    ("APm", "ap_medium"), ("APl", "ap_large"), ("AR100", "ar100"), ("VOC AP50", "voc_ap50"),
 )  # fmt: skip
 
 
@@ -92,6 +95,10 @@ class DatasetMetrics:
         num_detections: detections evaluated (native categories of this dataset).
         num_foreign: detections dropped because their unified label belongs to another dataset.
         max_dets: COCOeval's last maxDets value.
+        voc_ap50: UODB's protocol beside COCO's: VOC mean AP at IoU 0.5 over the categories
+            (``damex.evaluation.voc_eval``; ignore regions neither positives nor penalised).
+        voc_ap50_per_category: the VOC AP50 per native category name.
+        voc_metric: ``"area"`` (all-point interpolation) or ``"11point"`` (VOC2007).
     """
 
     ap: float
@@ -112,6 +119,9 @@ class DatasetMetrics:
     num_detections: int = 0
     num_foreign: int = 0
     max_dets: int = 100
+    voc_ap50: float = -1.0
+    voc_ap50_per_category: dict[str, float] = field(default_factory=dict)
+    voc_metric: str = "area"
 
     @property
     def stats(self) -> list[float]:
@@ -302,8 +312,9 @@ def evaluate_dataset(
     backend: Backend = "faster",
     max_dets: int = 100,
     image_ids: Sequence[int] | None = None,
+    voc_metric: VOCMetric = "area",
 ) -> DatasetMetrics:
-    """COCO box metrics of one dataset.
+    """COCO box metrics of one dataset, and UODB's VOC AP50 beside them.
 
     Args:
         gt: the dataset's COCO GT JSON (path or dict); not modified.
@@ -313,6 +324,7 @@ def evaluate_dataset(
         backend: ``"faster"`` (faster-coco-eval) or ``"pycocotools"``; same numbers.
         max_dets: COCOeval's last maxDets (detections kept per image and category), >= 10.
         image_ids: evaluate only these images of ``gt`` (quick checks on a subset); default all.
+        voc_metric: the VOC AP's interpolation, ``"area"`` (all-point) or ``"11point"``.
 
     Returns:
         The metrics; all 0 (or ``-1`` where COCO leaves a metric undefined) without detections.
@@ -335,6 +347,7 @@ def evaluate_dataset(
         name = cat_names.get(int(cat_id), str(cat_id))
         per_ap[name] = _category_ap(precision, k, None)
         per_ap50[name] = _category_ap(precision, k, iou50)
+    voc = voc_eval(gt_dict, dets, iou_threshold=0.5, metric=voc_metric)
     return DatasetMetrics(
         **dict(zip(_STAT_FIELDS, stats)),
         per_category_ap=per_ap,
@@ -342,6 +355,9 @@ def evaluate_dataset(
         num_images=len(all_ids),
         num_detections=len(dets),
         max_dets=max_dets,
+        voc_ap50=voc.ap,
+        voc_ap50_per_category=voc.per_category,
+        voc_metric=voc_metric,
     )
 
 
@@ -494,7 +510,7 @@ class EvalResults:
         out: dict[str, Any] = {
             "backend": self.backend,
             "datasets": {k: m.to_dict() for k, m in self.datasets.items()},
-            "mean": {"AP": self.mean_ap, "AP50": self.mean_ap50},
+            "mean": {"AP": self.mean_ap, "AP50": self.mean_ap50, "VOC_AP50": self.mean("voc_ap50")},
             "skipped": dict(self.skipped),
         }
         if self.oracle is not None:
@@ -553,7 +569,12 @@ class EvalResults:
         header, rows = self.table_rows()
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
-        notes = ["", "AP = AP@[.5:.95], percent; '-' = undefined (no GT in that range)."]
+        notes = [
+            "",
+            "AP = AP@[.5:.95], percent; '-' = undefined (no GT in that range). VOC AP50 = "
+            "UODB's protocol: VOC mean AP at IoU 0.5 over the categories (ignore regions are "
+            "neither positives nor false positives).",
+        ]
         if self.oracle is not None:
             notes.append(
                 "oracle = scores restricted to the dataset's labels before top-K "
@@ -606,6 +627,8 @@ class MultiDatasetEvaluator:
         only_processed_images: evaluate each dataset on the images that were processed only
             (``eval.max_images`` quick checks); default: on every GT image (the protocol), so an
             image never processed counts as all-missed.
+        voc_metric: interpolation of the VOC AP50 reported beside COCO's metrics
+            (``"area"`` all-point, or ``"11point"`` VOC2007).
     """
 
     def __init__(
@@ -617,7 +640,10 @@ class MultiDatasetEvaluator:
         max_dets: int = 100,
         count_shared_test_sets_once: bool = True,
         only_processed_images: bool = False,
+        voc_metric: VOCMetric = "area",
     ) -> None:
+        if voc_metric not in ("area", "11point"):
+            raise ValueError(f"voc_metric must be 'area' or '11point', got {voc_metric!r}")
         if backend not in ("faster", "pycocotools"):
             raise ValueError(f"backend must be 'faster' or 'pycocotools', got {backend!r}")
         self.dataset_names = list(label_space.dataset_names)
@@ -630,6 +656,7 @@ class MultiDatasetEvaluator:
         self.label_space = label_space
         self.backend: Backend = backend
         self.max_dets = max_dets
+        self.voc_metric: VOCMetric = voc_metric
         self.only_processed_images = only_processed_images
         self.skipped: dict[str, str] = {}
         seen: dict[Any, str] = {}
@@ -766,6 +793,7 @@ class MultiDatasetEvaluator:
                 backend=self.backend,
                 max_dets=self.max_dets,
                 image_ids=sorted(per_img) if self.only_processed_images else None,
+                voc_metric=self.voc_metric,
             )
             metrics[name] = replace(m, num_foreign=n_foreign)
             all_results[name] = results
