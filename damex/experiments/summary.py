@@ -16,7 +16,8 @@ Written to ``OUTPUT/<spec name>/`` (several specs may share one ``results.jsonl`
 variant with the same name, seeds and resolved config is run once): ``summary.md``,
 ``summary.json`` (the same numbers), ``ap_per_dataset.png`` (test AP50 per dataset, bars = mean,
 error bars = std over seeds) and ``ap50_vs_minutes.png`` (test AP50 against training minutes,
-one dot per run, with the mean and std of each variant).
+one dot per run, with the mean and std of each variant) and, for MoE variants,
+``routing_shares.png`` (datasets x experts top-1 shares per layer, mean over seeds).
 """
 
 from __future__ import annotations
@@ -206,7 +207,31 @@ def summarize(records: list[dict[str, Any]], spec: ExperimentSpec | None = None)
             for name, _, _kind in cols:
                 ci = welch_interval(table[v][name]["values"], table[baseline][name]["values"])
                 diff[v][name] = None if ci is None else dict(zip(("diff", "low", "high"), ci))
+    routing: dict[str, Any] = {}
+    for v, rs in by_variant.items():
+        runs = [r["routing"] for r in rs if r.get("routing")]
+        if not runs:
+            continue
+        layers = []
+        for i, layer in enumerate(runs[0]["layers"]):
+            same = [r["layers"][i] for r in runs if len(r["layers"]) > i]
+            entry: dict[str, Any] = {"name": layer["name"], "n": len(same)}
+            for key in (
+                "map_accuracy",
+                "best_accuracy",
+                "nmi",
+                "mean_routing_entropy",
+                "active_experts",
+            ):
+                ms = mean_std([x[key] for x in same if x.get(key) is not None])
+                entry[key] = None if ms is None else {"mean": ms[0], "std": ms[1]}
+            shares = [np.asarray(x["counts"], float) for x in same]
+            shares = [c / np.maximum(c.sum(1, keepdims=True), 1) for c in shares]
+            entry["mean_share"] = np.mean(shares, axis=0).tolist()
+            layers.append(entry)
+        routing[v] = {"datasets": runs[0]["datasets"], "layers": layers}
     return {
+        "routing": routing,
         "variants": order,
         "baseline": baseline if baseline in table else None,
         "splits": splits,
@@ -290,6 +315,32 @@ def summary_markdown(s: dict[str, Any], title: str = "") -> str:
                     if s["table"][v].get("it/s", {}).get("mean")
                 ),
             ]
+    if s.get("routing"):
+        lines += [
+            "",
+            "Routing on the test split per MoE layer (mean ± std over seeds): accuracy against "
+            "the configured map (meaningful for DAMEX only), best-assignment accuracy (each "
+            "expert serving at most ceil(D/E) datasets), NMI between dataset and expert, mean "
+            "per-dataset routing entropy (nats) and experts with >= 1 % of the tokens:",
+            "",
+            "| variant | layer | map acc. % | best-assign. acc. % | NMI | routing entropy "
+            "| active experts |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for v, block in s["routing"].items():
+            for layer in block["layers"]:
+
+                def cell(key: str, kind: str, layer: dict = layer) -> str:
+                    c = layer[key]
+                    if c is None:
+                        return "-"
+                    return _cell({"mean": c["mean"], "std": c["std"], "n": layer["n"]}, kind)
+
+                lines.append(
+                    f"| {v} | {layer['name']} | {cell('map_accuracy', 'pct')} | "
+                    f"{cell('best_accuracy', 'pct')} | {cell('nmi', 'num3')} | "
+                    f"{cell('mean_routing_entropy', 'num3')} | {cell('active_experts', 'num')} |"
+                )
     for split, blocks in s["per_dataset"].items():
         for key, block in blocks.items():
             if key == "AP":
@@ -338,6 +389,38 @@ def save_plots(s: dict[str, Any], records: list[dict[str, Any]], out: Path) -> l
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / "ap_per_dataset.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    routing = s.get("routing") or {}
+    if routing:
+        panels = [(v, layer) for v, block in routing.items() for layer in block["layers"]]
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(max(4.5, 3.2 * len(panels)), 3.4), squeeze=False
+        )
+        for ax, (v, layer) in zip(axes[0], panels):
+            share = 100 * np.asarray(layer["mean_share"])
+            ax.imshow(share, vmin=0, vmax=100, cmap="viridis")
+            names = routing[v]["datasets"]
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xticks(
+                range(share.shape[1]), [f"E{e}" for e in range(share.shape[1])], fontsize=7
+            )
+            ax.set_title(f"{v} {layer['name']} (n={layer['n']})", fontsize=8)
+            for (r, c), val in np.ndenumerate(share):
+                ax.text(
+                    c,
+                    r,
+                    f"{val:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if val < 50 else "black",
+                )
+        fig.suptitle("test tokens' top-1 expert (% of the dataset), seed mean", fontsize=8)
+        fig.tight_layout()
+        path = out / "routing_shares.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
