@@ -477,12 +477,28 @@ def write_summary(
         records: ``results.jsonl`` records; only those of the spec's variants are used.
         plots: also write the PNG plots.
         keys: if given, only records with these run keys (the spec's planned runs: a variant
-            of another spec with the same name but another config is left out).
+            of another spec with the same name but another config is left out); if None, the
+            records of each variant name, and of its most frequent config hash when it has
+            several (a summary rebuilt by another version of the code).
     """
     names = {v.name for v in spec.variants}
     records = [
         r for r in records if r["variant"] in names and (keys is None or r.get("key") in keys)
     ]
+    if keys is None:  # one config per variant: the one with the most runs
+        kept = []
+        for name in names:
+            mine = [r for r in records if r["variant"] == name]
+            hashes = [r.get("config_hash") for r in mine]
+            if len(set(hashes)) > 1:
+                best = max(set(hashes), key=hashes.count)
+                logger.warning(
+                    "variant %s has runs of %d configs %s; summarizing the %d runs of %s",
+                    name, len(set(hashes)), sorted(set(hashes)), hashes.count(best), best,
+                )  # fmt: skip
+                mine = [r for r in mine if r.get("config_hash") == best]
+            kept += mine
+        records = kept
     out = summary_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
     s = summarize(records, spec)
