@@ -78,9 +78,10 @@ class PlannedRun:
         run_dir: ``OUT/runs/<variant>/seed<seed>``.
         overrides: every ``key=value`` given to ``damex train`` (spec, variant, budget, seed,
             output), in that order (later wins).
-        config_hash: sha256 (12 hex) of the resolved config without ``output`` and
-            ``train.seed``: equal for the seeds of one variant, changed by any edit that
-            changes what is trained (a resumed spec re-runs an edited variant).
+        config_hash: sha256 (12 hex) of the resolved config's differences from the schema
+            defaults, without ``output`` and ``train.seed``: equal for the seeds of one variant,
+            changed by any edit that changes what is trained (a resumed spec re-runs an edited
+            variant), not by a new config field left at its default.
     """
 
     variant: Variant
@@ -126,18 +127,40 @@ def _budget_overrides(spec: ExperimentSpec, schedule: str, log_every: int) -> li
     return out
 
 
-def config_hash(resolved: dict[str, Any]) -> str:
-    """sha256 (12 hex digits) of a resolved config dict without ``output`` and ``train.seed``."""
-    data = json.loads(json.dumps(resolved, default=str))
-    data.pop("output", None)
-    data.get("train", {}).pop("seed", None)
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_hash(resolved: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
+    """sha256 (12 hex digits) of a resolved config without ``output.*`` and ``train.seed``.
+
+    Args:
+        resolved: the run's resolved config as a dict.
+        defaults: the schema's default config as a dict; if given, only the values that differ
+            from it are hashed, so a field added to the schema later (at its default) does not
+            change the hash of an existing run.
+    """
+    flat = _flatten(json.loads(json.dumps(resolved, default=str)))
+    base = _flatten(json.loads(json.dumps(defaults, default=str))) if defaults else {}
+    data = {
+        k: v
+        for k, v in flat.items()
+        if not k.startswith("output.") and k != "train.seed" and (k not in base or base[k] != v)
+    }
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def plan_runs(spec: ExperimentSpec) -> list[PlannedRun]:
     """Every run of ``spec``, seed-major; configs are loaded and validated here (errors early)."""
-    from damex.config import config_to_dict, load_config
+    from damex.config import Config, config_to_dict, load_config
+
+    defaults = config_to_dict(Config())
 
     runs: list[PlannedRun] = []
     for seed in spec.seeds:
@@ -163,7 +186,7 @@ def plan_runs(spec: ExperimentSpec) -> list[PlannedRun]:
                     seed,
                     run_dir,
                     overrides,
-                    config_hash(config_to_dict(full)),
+                    config_hash(config_to_dict(full), defaults),
                     train_split=full.data.test_split,
                 )
             )

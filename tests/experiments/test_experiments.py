@@ -264,3 +264,17 @@ def test_runner_killed_after_first_run_resumes_to_exactly_four_runs(
     # a second resume has nothing left to run
     assert experiments_main(["-c", str(spec_path)]) == 0
     assert len(_lines(results)) == 4
+
+
+def test_config_hash_ignores_output_seed_and_new_default_fields() -> None:
+    from damex.experiments.runner import config_hash
+
+    defaults = {"model": {"d": 128, "new_field": 0}, "train": {"seed": 1, "lr": 1e-4}}
+    run = {"model": {"d": 64, "new_field": 0}, "train": {"seed": 5, "lr": 1e-4}}
+    old_schema = {"model": {"d": 64}, "train": {"seed": 5, "lr": 1e-4}}
+    h = config_hash(run, defaults)
+    assert h == config_hash(old_schema, {"model": {"d": 128}, "train": {"seed": 1, "lr": 1e-4}})
+    other_seed = {**run, "train": {"seed": 9, "lr": 1e-4}, "output": {"dir": "elsewhere"}}
+    assert config_hash(other_seed, defaults) == h
+    assert config_hash({**run, "train": {"seed": 5, "lr": 2e-4}}, defaults) != h
+    assert config_hash({**run, "model": {"d": 64, "new_field": 1}}, defaults) != h
