@@ -341,15 +341,32 @@ def _report_error(command: str, exc: BaseException, verbose: bool) -> int:
     return 2
 
 
+def _record_for_torchrun(exc: BaseException) -> None:
+    """Under ``torchrun``, write the error where its failure summary reads it ("Root Cause")."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
+    except Exception:  # the summary is a convenience; the error itself is printed anyway
+        logger.debug("could not record the error for torchrun", exc_info=True)
+
+
 def _run(command: str, verbose: bool, fn: Callable[[], int]) -> int:
     try:
         return fn()
     except DamexError as exc:
+        _record_for_torchrun(exc)
         return _report_error(command, exc, verbose)
     except OSError as exc:
+        _record_for_torchrun(exc)
         if not _is_path_error(exc):
             raise
         return _report_error(command, exc, verbose)
+    except Exception as exc:
+        _record_for_torchrun(exc)
+        raise
     except KeyboardInterrupt:
         print(f"damex {command}: interrupted", file=sys.stderr)
         return 130
