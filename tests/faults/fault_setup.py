@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,3 +25,20 @@ def fault_config_dict(synthetic_root: Path, out_dir: Path, **train: Any) -> dict
     cfg["data"]["epoch_size"] = 2
     cfg["eval"]["max_images"] = 2
     return cfg
+
+
+class DiskFullFile(io.FileIO):
+    """A real file whose writes fail with ENOSPC once ``budget`` bytes are on disk."""
+
+    def __init__(self, fd: int, budget: int) -> None:
+        super().__init__(fd, "wb", closefd=True)
+        self.budget = budget
+
+    def write(self, b: Any) -> int:  # type: ignore[override]
+        n = len(memoryview(b))
+        if n > self.budget:
+            super().write(bytes(memoryview(b)[: self.budget]))
+            self.budget = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget -= n
+        return super().write(b)

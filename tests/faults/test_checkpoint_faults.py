@@ -3,13 +3,12 @@ disk in the middle of a write."""
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from fault_setup import DiskFullFile
 
 from damex.engine import checkpoint as ckpt
 from damex.engine.checkpoint import (
@@ -113,23 +112,6 @@ def test_no_fallback_names_both(tmp_path: Path) -> None:
     assert used.name == "last.prev.pth"
 
 
-class _DiskFullFile(io.FileIO):
-    """A real file whose writes fail with ENOSPC once ``budget`` bytes are on disk."""
-
-    def __init__(self, fd: int, budget: int) -> None:
-        super().__init__(fd, "wb", closefd=True)
-        self.budget = budget
-
-    def write(self, b) -> int:  # type: ignore[override]
-        n = len(memoryview(b))
-        if n > self.budget:
-            super().write(bytes(memoryview(b)[: self.budget]))
-            self.budget = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.budget -= n
-        return super().write(b)
-
-
 def test_disk_full_mid_write_keeps_last_and_previous(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -141,7 +123,7 @@ def test_disk_full_mid_write_keeps_last_and_previous(
 
     def fdopen(fd: int, mode: str = "r", *args, **kwargs):
         assert mode == "wb"
-        f = _DiskFullFile(fd, budget=10_000)  # the state is ~17 kB: fails halfway
+        f = DiskFullFile(fd, budget=10_000)  # the state is ~17 kB: fails halfway
         written.append(fd)
         return f
 
@@ -152,3 +134,43 @@ def test_disk_full_mid_write_keeps_last_and_previous(
     assert written, "the failing file was not used"
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no tmp file left
     assert _w(load_checkpoint(last)) == 2.0
+
+
+def test_disk_full_during_training_stops_the_run_with_a_clear_message(
+    fault_synthetic_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`damex train`: the 2nd last.pth write hits a full disk -> exit 2, one line naming the
+    file and ENOSPC, the checkpoint of step 1 intact."""
+    import yaml
+    from fault_setup import fault_config_dict
+
+    from damex.cli import main
+
+    out = tmp_path / "run"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(fault_config_dict(fault_synthetic_root, out)))
+    real_fdopen = os.fdopen
+    opened: list[str] = []
+
+    def fdopen(fd: int, mode: str = "r", *args, **kwargs):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name.startswith(".last.pth.") and name.endswith(".tmp"):
+            opened.append(name)
+            if len(opened) == 2:  # the disk is full from the second checkpoint on
+                return DiskFullFile(fd, budget=100_000)
+        return real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.os, "fdopen", fdopen)
+    capsys.readouterr()
+    code = main(["train", "-c", str(tmp_path / "cfg.yaml"), "--no-report"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert code == 2 and len(lines) == 1, err
+    assert f"cannot write checkpoint {out / 'last.pth'}" in lines[0]
+    assert "No space left on device" in lines[0] and "unchanged" in lines[0]
+    state = load_checkpoint(out / "last.pth")
+    assert state["trainer"]["iteration"] == 1  # the step-1 checkpoint survived
+    assert not list(out.glob(".*.tmp"))
