@@ -277,7 +277,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 def _cmd_prepare_uodb(argv: list[str]) -> int:
     from damex.data.converters.prepare import main as prepare_main
 
-    return prepare_main(argv)
+    return prepare_main(argv, prog="damex prepare-uodb")
 
 
 def _cmd_make_subsets(argv: list[str]) -> int:

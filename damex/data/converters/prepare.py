@@ -838,13 +838,13 @@ def format_summary(reports: dict[str, dict[str, ConversionReport]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "prepare_uodb") -> int:
     """CLI: ``python tools/prepare_uodb.py --src ORIGINALS_DIR --out data/uodb [...]``.
 
     Returns 0, or 2 with one ``error:`` line on stderr for bad input (as ``damex`` does).
     """
     parser = argparse.ArgumentParser(
-        prog="prepare_uodb",
+        prog=prog,
         description="Rebuild UODB (COCO JSON per dataset split) from the original releases. "
         f"Expected layout under --src: {_DOC}.",
     )
