@@ -147,6 +147,20 @@ def _load(args: argparse.Namespace):  # -> Config
     return load_config(args.config, args.overrides)
 
 
+def _check_dataset_names(cfg) -> None:  # cfg: Config
+    """Unknown dataset names fail here, before a benchmark is generated or an output written."""
+    from damex.data.catalog import build_catalog
+    from damex.errors import ConfigError, DatasetError
+
+    catalog = build_catalog(cfg.data)
+    for key, names in (("data.train", cfg.data.train), ("data.test", cfg.eval_datasets)):
+        for name in names:
+            try:
+                catalog.get(name)
+            except DatasetError as e:
+                raise ConfigError(f"{key}: {e}") from None
+
+
 def _check_checkpoint(path: str) -> None:
     """A missing, truncated or damaged checkpoint fails here, before any output is written."""
     from damex.engine.checkpoint import verify_checkpoint_file
@@ -159,6 +173,7 @@ def _check_checkpoint(path: str) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # config errors first, before the heavy imports
+    _check_dataset_names(cfg)
     from damex.engine.trainer import train
 
     result = train(cfg, resume=args.resume or False)
@@ -186,6 +201,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_dataset_names(cfg)
     _check_checkpoint(args.checkpoint)
     from damex.engine.report import evaluate_checkpoint
 
@@ -199,6 +215,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_dataset_names(cfg)
     _check_checkpoint(args.checkpoint)
     from damex.engine.report import visualize_routing
 
@@ -210,6 +227,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_dataset_names(cfg)
     _check_checkpoint(args.checkpoint)
     from damex.engine.report import run_demo
 

@@ -144,8 +144,7 @@ CONFIG_ROWS = [
         "unknown-dataset",
         _unknown_dataset,
         2,
-        ("syn_nope", "Known datasets"),
-        pending="train writes output.dir/config.yaml before it checks the dataset names",
+        ("data.train", "unknown dataset 'syn_nope'", "Known datasets"),
     ),
     Row(
         "stale-expert-map",
