@@ -21,6 +21,8 @@ from pathlib import Path
 
 from damex.config import DataConfig, DatasetEntry
 from damex.data.synthetic import SPLITS, SYNTHETIC_DATASETS
+from damex.data.synthetic_alt import ALT_DATASETS
+from damex.data.synthetic_alt import SPLITS as ALT_SPLITS
 from damex.data.uodb import UODB_CLASSES, UODB_DATASETS, UODB_NUM_SLOTS, UODB_TEST_SCALES
 from damex.errors import ConfigError, DatasetError
 
@@ -173,13 +175,11 @@ def _builtin_synthetic(root: Path) -> dict[str, DatasetSpec]:
 
 def _builtin_synthetic_alt(root: Path) -> dict[str, DatasetSpec]:
     """The second generated benchmark (``damex.data.synthetic_alt``) under ``root``."""
-    from damex.data.synthetic_alt import ALT_DATASETS, SPLITS
-
     return {
         name: DatasetSpec(
             name=name,
             image_root=root / name / "images",
-            splits={s: root / name / "annotations" / f"{s}.json" for s in SPLITS},
+            splits={s: root / name / "annotations" / f"{s}.json" for s in ALT_SPLITS},
             classes=list(classes),
         )
         for name, classes in ALT_DATASETS.items()

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from damex.data.coco import CocoDetection
 from damex.data.samplers import (
     DatasetAwareSampler,
     InferenceSampler,
@@ -51,7 +52,6 @@ from damex.structures import Batch, Sample, Target, normalize_boxes
 if TYPE_CHECKING:
     from damex.config import Config
     from damex.data.catalog import DatasetCatalog
-    from damex.data.coco import CocoDetection
     from damex.data.label_space import LabelSpace
 
 __all__ = [
@@ -503,8 +503,6 @@ def build_train_loader(
     Raises:
         DatasetError: from reading the annotation files.
     """
-    from damex.data.coco import CocoDetection
-
     data = cfg.data  # validated by damex.config (data.train, data.sampler, data.limited)
     names = list(data.train)
 
@@ -612,8 +610,6 @@ def build_test_loaders(
     Returns:
         ``{dataset name: loader}``; each image of a dataset is in exactly one rank's loader.
     """
-    from damex.data.coco import CocoDetection
-
     data = cfg.data
     split = data.test_split
     loaders: dict[str, DamexLoader] = {}

@@ -9,6 +9,7 @@ import pytest
 from damex.config import DataConfig, DatasetEntry, SyntheticConfig, config_from_dict
 from damex.data.catalog import DatasetCatalog, DatasetSpec, build_catalog, uodb_train_scales
 from damex.data.synthetic import SPLITS, SYNTHETIC_DATASETS
+from damex.data.synthetic_alt import ALT_DATASETS
 from damex.data.uodb import UODB_CLASSES, UODB_DATASETS, UODB_TEST_SCALES
 from damex.errors import ConfigError, DatasetError
 
@@ -48,7 +49,7 @@ def test_builtin_uodb_entries(tmp_path: Path) -> None:
 
 def test_builtin_synthetic_entries(tmp_path: Path) -> None:
     cat = build_catalog(_cfg(tmp_path))
-    assert cat.names()[12:] == list(SYNTHETIC_DATASETS)
+    assert cat.names()[12 : 12 + len(SYNTHETIC_DATASETS)] == list(SYNTHETIC_DATASETS)
     for name, classes in SYNTHETIC_DATASETS.items():
         spec = cat.get(name)
         assert spec.classes == classes
@@ -66,7 +67,8 @@ def test_unknown_name_lists_known_and_closest(tmp_path: Path) -> None:
     assert "coco" in msg and "syn_medical" in msg
     with pytest.raises(DatasetError, match="Known datasets"):
         cat["nothing_like_it_at_all_xyz"]
-    assert "coco" in cat and "cocoo" not in cat and len(cat) == 18
+    builtin = len(UODB_DATASETS) + len(SYNTHETIC_DATASETS) + len(ALT_DATASETS)
+    assert "coco" in cat and "cocoo" not in cat and len(cat) == builtin
 
 
 def test_config_overrides_and_extends(tmp_path: Path) -> None:
