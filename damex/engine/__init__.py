@@ -29,7 +29,7 @@ __all__ = [
 
 _LAZY = {
     "train": "damex.engine.trainer",
-    "evaluate": "damex.engine.trainer",
+    "evaluate": "damex.engine.loading",
     "TrainResult": "damex.engine.trainer",
     "TrainingError": "damex.engine.trainer",
     "run_inference": "damex.engine.inference",

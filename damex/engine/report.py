@@ -21,7 +21,7 @@ import torch
 from damex.config import Config
 from damex.engine import distributed as dist_utils
 from damex.engine.inference import run_inference
-from damex.engine.trainer import evaluate, load_for_inference
+from damex.engine.loading import evaluate, load_for_inference
 from damex.errors import ConfigError
 from damex.structures import Detections, Sample
 

@@ -11,7 +11,7 @@ from engine_fixtures import TRAIN_SETS, tiny_config
 
 from damex.data.loader import build_test_loaders
 from damex.engine.inference import run_inference
-from damex.engine.trainer import build_run_data
+from damex.engine.run_data import build_run_data
 from damex.modeling import build_model
 from damex.modeling.postprocess import build_postprocess
 

@@ -9,8 +9,8 @@ import numpy as np
 from engine_fixtures import REF, TRAIN_SETS, tiny_config
 from PIL import Image
 
+from damex.engine.loading import evaluate
 from damex.engine.report import evaluate_checkpoint, run_demo, visualize_routing
-from damex.engine.trainer import evaluate
 
 
 def test_evaluate_checkpoint_writes_results(

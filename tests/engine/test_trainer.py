@@ -17,8 +17,9 @@ import torch
 from engine_fixtures import REF, REF_ITERS, TRAIN_SETS, tiny_config, tiny_config_dict
 
 from damex.engine.checkpoint import load_checkpoint
+from damex.engine.loading import evaluate
 from damex.engine.logging import read_jsonl
-from damex.engine.trainer import TrainingError, evaluate, train
+from damex.engine.trainer import TrainingError, train
 from damex.errors import CheckpointError, ConfigError
 
 
