@@ -48,6 +48,7 @@ __all__ = [
     "MoELoss",
     "OutOfBoundsPolicy",
     "RouterKind",
+    "RoutingMode",
     "SamplerMode",
     "Schedule",
     "TokenSelection",
@@ -84,6 +85,9 @@ BadSamplePolicy = Literal["error", "skip"]  # an unreadable image or annotation
 FFNKind = Literal["dense", "moe"]  # a decoder layer's FFN
 CapacityGroup = Literal["image", "batch"]  # tokens sharing an expert's capacity
 RouterKind = Literal["linear", "cosine"]
+# token_choice: every token takes its top-k experts; expert_choice: every expert takes its
+# top-C tokens (Zhou et al., NeurIPS 2022; balanced by construction)
+RoutingMode = Literal["token_choice", "expert_choice"]
 Activation = Literal["gelu", "relu"]
 MoELoss = Literal["damex", "load_importance", "load_importance_corrected", "switch", "none"]
 TokenSelection = Literal["all", "matching_only", "foreground", "exclude_dn"]  # decoder tokens
@@ -241,6 +245,7 @@ class MoEConfig:
     capacity_group: CapacityGroup = "image"
     gate_noise: float = 1.0
     router: RouterKind = "linear"
+    routing: RoutingMode = "token_choice"  # expert_choice: C = |cf or 1| * k * T_group / E
     activation: Activation = "gelu"
     dropout: float = 0.0
     drop_path: float = 0.2

@@ -83,6 +83,7 @@ def _build_moe_block(
         capacity_group=moe_cfg.capacity_group,
         gate_noise=moe_cfg.gate_noise,
         router=moe_cfg.router,
+        routing=moe_cfg.routing,
         activation=moe_cfg.activation,
         dropout=moe_cfg.dropout,
         fc2_bias=moe_cfg.fc2_bias,

@@ -18,12 +18,15 @@ Recipe options (README, "Making the mixture pay"):
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from damex.config import CapacityGroup, choices
+from damex.config import CapacityGroup, RoutingMode, choices
 from damex.moe.dispatch import capacity_per_group, combine, dispatch, group_index, plan_dispatch
+from damex.moe.expert_choice import expert_choice_capacity, plan_expert_choice
 from damex.moe.experts import ExpertFFN, Experts
 from damex.moe.parallel import ProcessGroupRef, expert_parallel_forward
 from damex.moe.router import TopKRouter
@@ -53,6 +56,10 @@ class MoEFFN(nn.Module):
             image per GPU) or ``"batch"`` (all tokens of the call).
         gate_noise: train-time logit noise ``N(0, 1) * gate_noise / E``.
         router: ``"linear"`` (no bias) or ``"cosine"``.
+        routing: ``"token_choice"`` (each token its top-k experts) or ``"expert_choice"``
+            (each expert its top-C tokens per capacity group, Zhou et al. 2022; see
+            :mod:`damex.moe.expert_choice`; ``RoutingInfo.expert`` then lists all E experts
+            of a token by its score and ``kept`` marks those that took it).
         activation: expert activation (``"gelu"`` in DAMEX).
         dropout: dropout inside the experts.
         fc2_bias: trainable fc2 bias (True) or none (False). The official frozen-random fc2
@@ -80,6 +87,7 @@ class MoEFFN(nn.Module):
         capacity_group: str = "image",
         gate_noise: float = 1.0,
         router: str = "linear",
+        routing: str = "token_choice",
         activation: str = "gelu",
         dropout: float = 0.0,
         fc2_bias: bool = True,
@@ -97,6 +105,9 @@ class MoEFFN(nn.Module):
             raise ValueError(f"unit_gate needs top_k=1 (one gate set to 1), got top_k={top_k}")
         if capacity_group not in choices(CapacityGroup):
             raise ValueError(f"capacity_group must be 'image' or 'batch', got {capacity_group!r}")
+        if routing not in choices(RoutingMode):
+            raise ValueError(f"routing must be one of {choices(RoutingMode)}, got {routing!r}")
+        self.routing = routing
         self.d_model = d_model
         self.hidden_dim = hidden_dim
         self.num_experts = num_experts
@@ -170,7 +181,7 @@ class MoEFFN(nn.Module):
         return (
             f"capacity_factor={self.capacity_factor}, capacity_group={self.capacity_group}, "
             f"expert_offset={self.expert_offset}, shared_expert={self.shared is not None}, "
-            f"unit_gate={self.unit_gate}, expert_init={self.expert_init}"
+            f"unit_gate={self.unit_gate}, expert_init={self.expert_init}, routing={self.routing}"
         )
 
     def forward(self, x: Tensor, token_image: Tensor | None = None) -> tuple[Tensor, RoutingInfo]:
@@ -194,15 +205,26 @@ class MoEFFN(nn.Module):
             )
         route = self.router(x)  # logits / expert / gate
         group, num_groups = group_index(token_image, num_tokens, self.capacity_group, x.device)
-        capacity = capacity_per_group(
-            torch.bincount(group, minlength=num_groups),
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            capacity_factor=self.capacity_factor,
-        )
-        plan = plan_dispatch(
-            route.expert, route.gate, group, num_groups, self.num_experts, capacity
-        )
+        sizes = torch.bincount(group, minlength=num_groups)
+        if self.routing == "expert_choice":  # every expert takes its top-C tokens per group
+            capacity = expert_choice_capacity(
+                sizes,
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                capacity_factor=self.capacity_factor,
+            )
+            expert, gate, plan = plan_expert_choice(route.scores, group, num_groups, capacity)
+            route = replace(route, expert=expert, gate=gate)  # [T, E] each
+        else:
+            capacity = capacity_per_group(
+                sizes,
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                capacity_factor=self.capacity_factor,
+            )
+            plan = plan_dispatch(
+                route.expert, route.gate, group, num_groups, self.num_experts, capacity
+            )
         routed = dispatch(x, plan)  # [N, d], expert-sorted
         if self.expert_parallel_group is None:
             out = self.experts(routed, plan.counts)  # [N, d]

@@ -78,3 +78,32 @@ def test_capacity_never_exceeds_the_group() -> None:
     cap = expert_choice_capacity(torch.tensor([3, 1]), num_experts=2, top_k=2,
                                  capacity_factor=2.0)  # fmt: skip
     assert cap.tolist() == [3, 1]  # floor(4 * 3 / 2) = 6 -> 3 tokens exist; tiny group -> 1
+
+
+def test_moe_layer_with_expert_choice_routing() -> None:
+    from damex.moe import MoEFFN, RoutingStats
+
+    torch.manual_seed(0)
+    layer = MoEFFN(d_model=8, hidden_dim=16, num_experts=4, capacity_factor=0.0,
+                   gate_noise=0.0, routing="expert_choice")  # fmt: skip
+    x = torch.randn(12, 8)
+    token_image = torch.tensor([0] * 6 + [1] * 6)
+    y, info = layer(x, token_image)
+    assert info.expert.shape == (12, 4) and info.kept.shape == (12, 4)
+    for image in (0, 1):
+        for e in range(4):  # C = floor(6 / 4) = 1 token per expert and image
+            assert int((info.kept & (info.expert == e))[token_image == image].sum()) == 1
+    # y = sum over the experts that took a token of score * expert(x)
+    scores = torch.softmax(info.logits, -1)
+    ref = torch.zeros_like(y)
+    for t in range(12):
+        for j in range(4):
+            if info.kept[t, j]:
+                e = int(info.expert[t, j])
+                ref[t] += scores[t, e] * layer.experts[e](x[t : t + 1])[0]
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+    stats = RoutingStats(1, 2, 4)
+    stats.update([info], torch.tensor([0, 1]))
+    assert int(stats.tokens.sum()) == 12
