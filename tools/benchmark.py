@@ -1,17 +1,44 @@
 #!/usr/bin/env python
-"""`damex benchmark {moe,model}` — speed tables measured side by side in one run."""
+"""Speed tables measured side by side in one run.
+
+``moe`` / ``model``: `damex benchmark {moe,model}`; ``moe --distributed``: replicated vs
+expert-parallel experts on 2 gloo processes (``damex.moe.parallel_bench``);
+``profile -c CONFIG [--image-size S]``: where the time of a training step goes; ``deform``:
+deformable attention, reference vs fast;
+``infer``: inference images/s (eager vs ``torch.compile``); ``iters``: training iterations/s of
+several configs, interleaved.
+"""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout
 
-from damex.cli import main  # noqa: E402
+_OWN = {
+    "profile": "damex.engine.step_profile",
+    "deform": "damex.modeling.bench",
+    "infer": "damex.engine.inference_bench",
+    "iters": "damex.engine.step_profile",
+}
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["moe"] and "--distributed" in argv:  # expert parallelism, gloo processes
         from damex.moe.parallel_bench import main as parallel_main
 
-        sys.exit(parallel_main([a for a in argv[1:] if a != "--distributed"]))
-    sys.exit(main(["benchmark", *argv]))
+        return int(parallel_main([a for a in argv[1:] if a != "--distributed"]) or 0)
+    if argv and argv[0] in _OWN:
+        import importlib
+
+        module = importlib.import_module(_OWN[argv[0]])
+        entry = {"deform": "deform_main", "infer": "main", "iters": "iters_main"}.get(
+            argv[0], "main"
+        )
+        return int(getattr(module, entry)(argv[1:]) or 0)
+    from damex.cli import main
+
+    return main(["benchmark", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

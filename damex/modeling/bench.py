@@ -245,3 +245,123 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------- deformable attention
+DEFORM_SIZES: tuple[tuple[int, int], ...] = ((320, 320), (512, 512), (800, 1333))
+
+
+def _deform_layer_inputs(
+    height: int, width: int, d_model: int, n_levels: int, seed: int
+) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """Encoder self-attention inputs: one query per location of strides 8, 16, 32, 64."""
+    shapes = [(-(-height // s), -(-width // s)) for s in (8, 16, 32, 64)[:n_levels]]
+    num = sum(h * w for h, w in shapes)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, num, d_model, generator=g)
+    ref = torch.rand(1, num, n_levels, 2, generator=g)
+    return x, ref, shapes
+
+
+def _deform_step(layer: torch.nn.Module, x: Tensor, ref: Tensor, shapes: list) -> float:
+    inp = x.clone().requires_grad_(True)
+    start = time.perf_counter()
+    out = layer(inp, ref, inp, shapes)
+    out.backward(torch.ones_like(out))
+    return time.perf_counter() - start
+
+
+def _deform_peak_rss(impl: str, height: int, width: int, seed: int, queue: Any) -> None:
+    """Child process: peak RSS growth (MiB) of one forward + backward."""
+    import resource
+
+    from damex.modeling.deform_attn import MSDeformAttn
+
+    torch.manual_seed(seed)
+    layer = MSDeformAttn(d_model=256, n_levels=4, n_heads=8, n_points=4, impl=impl)
+    x, ref, shapes = _deform_layer_inputs(height, width, 256, 4, seed)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _deform_step(layer, x, ref, shapes)
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def run_deform_benchmark(
+    sizes: Sequence[tuple[int, int]] = DEFORM_SIZES,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    memory: bool = True,
+) -> list[dict[str, Any]]:
+    """Forward + backward of one encoder ``MSDeformAttn`` (d=256, 8 heads, 4 levels, 4 points).
+
+    Both implementations run on the same inputs, interleaved (reference, sparse, reference, ...),
+    median of ``repeats``; the peak RSS growth of one step is measured in a fresh process per
+    implementation and size (``memory``).
+
+    Returns:
+        One dict per size: ``size, queries, ref_ms, sparse_ms, speedup, ref_mib, sparse_mib``.
+    """
+    import multiprocessing as mp
+
+    from damex.modeling.deform_attn import MSDeformAttn
+
+    rows = []
+    for height, width in sizes:
+        torch.manual_seed(seed)
+        ref_layer = MSDeformAttn(d_model=256, n_levels=4, n_heads=8, n_points=4, impl="grid_sample")
+        fast_layer = MSDeformAttn(d_model=256, n_levels=4, n_heads=8, n_points=4, impl="sparse")
+        fast_layer.load_state_dict(ref_layer.state_dict())
+        x, ref, shapes = _deform_layer_inputs(height, width, 256, 4, seed)
+        times: dict[str, list[float]] = {"grid_sample": [], "sparse": []}
+        for i in range(warmup + repeats):
+            for name, layer in (("grid_sample", ref_layer), ("sparse", fast_layer)):
+                elapsed = _deform_step(layer, x, ref, shapes)
+                if i >= warmup:
+                    times[name].append(elapsed)
+        row: dict[str, Any] = {
+            "size": f"{height}x{width}",
+            "queries": x.shape[1],
+            "ref_ms": 1e3 * statistics.median(times["grid_sample"]),
+            "sparse_ms": 1e3 * statistics.median(times["sparse"]),
+        }
+        row["speedup"] = row["ref_ms"] / row["sparse_ms"]
+        if memory:
+            ctx = mp.get_context("spawn")
+            for name in ("grid_sample", "sparse"):
+                queue = ctx.Queue()
+                proc = ctx.Process(target=_deform_peak_rss, args=(name, height, width, seed, queue))
+                proc.start()
+                row[f"{'ref' if name == 'grid_sample' else 'sparse'}_mib"] = queue.get()
+                proc.join()
+        rows.append(row)
+    return rows
+
+
+def format_deform_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`run_deform_benchmark` rows."""
+    lines = [
+        "| size | queries | grid_sample ms | sparse ms | speedup | grid_sample peak MiB | "
+        "sparse peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mem = [f"{r[k]:.0f}" if k in r else "-" for k in ("ref_mib", "sparse_mib")]
+        lines.append(
+            f"| {r['size']} | {r['queries']} | {r['ref_ms']:.1f} | {r['sparse_ms']:.1f} | "
+            f"{r['speedup']:.2f}x | {mem[0]} | {mem[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def deform_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="benchmark deform", description="deformable attention: grid_sample vs sparse"
+    )
+    parser.add_argument("--sizes", default="320x320,512x512,800x1333")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args(argv)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    rows = run_deform_benchmark(sizes, repeats=args.repeats, memory=not args.no_memory)
+    print(format_deform_table(rows))  # CLI output
+    return 0

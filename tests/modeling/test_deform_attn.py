@@ -66,12 +66,15 @@ def _random_inputs(seed: int = 0):
     return value, loc, w
 
 
-def test_forward_and_gradients_match_naive_reference():
+@pytest.mark.parametrize("impl", ["grid_sample", "sparse"])
+def test_forward_and_gradients_match_naive_reference(impl):
     value, loc, w = _random_inputs()
     starts = torch.tensor([0, 35, 47])
     tensors = [t.clone().requires_grad_(True) for t in (value, loc, w)]
     naive = [t.clone().requires_grad_(True) for t in (value, loc, w)]
-    out = ms_deform_attn(tensors[0], torch.tensor(SHAPES), starts, tensors[1], tensors[2])
+    out = ms_deform_attn(
+        tensors[0], torch.tensor(SHAPES), starts, tensors[1], tensors[2], impl=impl
+    )
     ref = _naive_ms_deform_attn(naive[0], SHAPES, naive[1], naive[2])
     assert out.shape == (2, 3, 8)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -82,11 +85,77 @@ def test_forward_and_gradients_match_naive_reference():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_float32_matches_float64():
+@pytest.mark.parametrize("impl", ["grid_sample", "sparse"])
+def test_float32_matches_float64(impl):
     value, loc, w = _random_inputs(1)
-    out64 = ms_deform_attn(value, SHAPES, None, loc, w)
-    out32 = ms_deform_attn(value.float(), SHAPES, None, loc.float(), w.float())
+    out64 = ms_deform_attn(value, SHAPES, None, loc, w, impl=impl)
+    out32 = ms_deform_attn(value.float(), SHAPES, None, loc.float(), w.float(), impl=impl)
     torch.testing.assert_close(out32.double(), out64, atol=1e-5, rtol=1e-5)
+
+
+def _hard_locations(shapes, bsz, nq, heads, points, g, dtype):
+    """Random points (a third outside the map), points exactly on the map's edges (0 and 1),
+    a quarter pixel outside them, and, on power-of-two maps (where ``loc * size`` is exact and
+    both implementations see the same side of bilinear's kink), exactly on pixel centres."""
+    loc = torch.rand(bsz, nq, heads, len(shapes), points, 2, generator=g, dtype=dtype)
+    loc = loc * 1.6 - 0.3
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=dtype)[:, None]  # [L, 1, 2] (x, y)
+    special = torch.tensor([0.0, 1.0, -0.25, 1.25], dtype=dtype)
+    edges = special[torch.randint(0, 4, loc.shape, generator=g)]
+    edges = torch.where(edges < 0, edges / sizes, edges)
+    edges = torch.where(edges > 1, 1 + (edges - 1) / sizes, edges)
+    centres = (torch.randint(-1, 9, loc.shape, generator=g).to(dtype) + 0.5) / sizes
+    pow2 = all(h & (h - 1) == 0 and w & (w - 1) == 0 for h, w in shapes)
+    pick = torch.randint(0, 3 if pow2 else 2, loc.shape, generator=g)
+    loc = torch.where(pick == 1, edges, loc)
+    return torch.where(pick == 2, centres, loc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "shapes",
+    [[(5, 7), (3, 4), (2, 2)], [(9, 13), (5, 7), (3, 4), (1, 2)], [(8, 4), (4, 2), (1, 1)]],
+)
+def test_sparse_equals_grid_sample_forward_and_gradients(shapes, dtype):
+    g = torch.Generator().manual_seed(len(shapes))
+    bsz, nq, heads, head_dim, points = 2, 11, 3, 5, 4
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(bsz, s, heads, head_dim, generator=g, dtype=dtype)
+    loc = _hard_locations(shapes, bsz, nq, heads, points, g, dtype)
+    w = torch.rand(bsz, nq, heads, len(shapes), points, generator=g, dtype=dtype)
+    upstream = torch.randn(bsz, nq, heads * head_dim, generator=g, dtype=dtype)
+    results = {}
+    for impl in ("grid_sample", "sparse"):
+        inputs = [t.clone().requires_grad_(True) for t in (value, loc, w)]
+        out = ms_deform_attn(inputs[0], shapes, None, inputs[1], inputs[2], impl=impl)
+        grads = torch.autograd.grad(out, inputs, upstream)
+        results[impl] = (out, *grads)
+    for name, a, b in zip(
+        ("output", "value", "locations", "weights"), results["grid_sample"], results["sparse"]
+    ):
+        # location gradients scale with the map size (d pixel / d loc = W_l)
+        scale = 20.0 if name == "locations" else 1.0
+        torch.testing.assert_close(b, a, atol=1e-5 * scale, rtol=1e-5, msg=name)
+
+
+def test_sparse_without_grad_equals_with_grad():
+    value, loc, w = _random_inputs(2)
+    with torch.no_grad():
+        fast = ms_deform_attn(value, SHAPES, None, loc, w, impl="sparse")
+    graph = ms_deform_attn(value.requires_grad_(True), SHAPES, None, loc, w, impl="sparse")
+    assert graph.requires_grad
+    torch.testing.assert_close(fast, graph.detach(), atol=0, rtol=0)
+
+
+def test_auto_picks_sparse_on_cpu_and_rejects_unknown_impl():
+    value, loc, w = _random_inputs(3)
+    auto = ms_deform_attn(value, SHAPES, None, loc, w)
+    sparse = ms_deform_attn(value, SHAPES, None, loc, w, impl="sparse")
+    torch.testing.assert_close(auto, sparse, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="impl"):
+        ms_deform_attn(value, SHAPES, None, loc, w, impl="cuda_kernel")
+    with pytest.raises(ValueError, match="impl"):
+        MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1, impl="fast")
 
 
 def test_rejects_inconsistent_shapes():
