@@ -268,6 +268,9 @@ class MoEConfig:
     shared_expert: bool = False  # DeepSeekMoE: a shared FFN for every token, added to the routed
     unit_gate: bool = False  # top-1 combine weight 1 (straight-through gradient to the router)
     expert_init: ExpertInit = "independent"
+    # set by `damex extend`: experts 0..base_experts-1 predate the added ones; their gates ignore
+    # the added experts, so tokens routed to them get the pre-extension output (0 = off)
+    base_experts: int = 0
     loss_schedule: MoELossSchedule = "constant"
     loss_ramp_frac: float = 0.25  # ramp: fraction of training to reach loss_weight
     loss_weight_final: float = 0.1  # decay: the weight at the end of training
@@ -665,6 +668,11 @@ def _validate(cfg: Config, source: str, origin: Mapping[str, str]) -> None:
         fail("moe.loss_ramp_frac", f"must be in (0, 1], got {cfg.moe.loss_ramp_frac}")
     if cfg.moe.unit_gate and cfg.moe.top_k != 1:
         fail("moe.unit_gate", f"needs moe.top_k = 1, got {cfg.moe.top_k}")
+    if not 0 <= cfg.moe.base_experts < max(cfg.moe.num_experts, 1):
+        fail(
+            "moe.base_experts",
+            f"must be in [0, moe.num_experts={cfg.moe.num_experts}), got {cfg.moe.base_experts}",
+        )
     if not 0.0 < cfg.train.ema_decay < 1.0:
         fail("train.ema_decay", f"must be in (0, 1), got {cfg.train.ema_decay}")
     if not cfg.data.scales or min(cfg.data.scales) <= 0:

@@ -43,7 +43,7 @@ from damex.modeling import build_model
 from damex.modeling.outputs import TokenKind
 from damex.modeling.postprocess import PostProcess
 from damex.moe.types import RoutingInfo
-from damex.structures import Detections, Sample
+from damex.structures import Batch, Detections, Sample
 
 __all__ = [
     "ImageInput",
@@ -452,7 +452,28 @@ class Predictor:
             out.extend(self._run(chunk))
         return out
 
-    def _run(self, images: list[Tensor]) -> list[NativeDetections]:
+    @torch.no_grad()
+    def routing_counts(self, images: Sequence[ImageInput], batch_size: int = 4) -> Tensor:
+        """How often each expert is the top-1 choice of a matching query, per MoE layer.
+
+        Returns:
+            ``int64 [L, E]`` over all matching queries of ``images`` (``[0, 0]`` without MoE).
+        """
+        num_experts = int(self.cfg.moe.num_experts) if self.layer_names else 0
+        counts = torch.zeros(len(self.layer_names), num_experts, dtype=torch.long)
+        items = list(images)
+        for start in range(0, len(items), batch_size):
+            chunk = [load_image(im) for im in items[start : start + batch_size]]
+            out = self.model(self._batch(chunk))
+            nq = int(out.pred.logits.shape[1])
+            for b in range(len(chunk)):
+                experts, _ = query_routing(out.routing, image_index=b, num_queries=nq)
+                for layer in range(experts.shape[1]):
+                    e = experts[:, layer]
+                    counts[layer] += torch.bincount(e[e >= 0], minlength=num_experts)
+        return counts
+
+    def _batch(self, images: list[Tensor]) -> Batch:
         samples = []
         for i, img in enumerate(images):
             h, w = int(img.shape[1]), int(img.shape[2])
@@ -465,7 +486,10 @@ class Predictor:
                 orig_size=(h, w),
             )
             samples.append(self.transform(sample))
-        batch = collate(samples).to(self.device)
+        return collate(samples).to(self.device)
+
+    def _run(self, images: list[Tensor]) -> list[NativeDetections]:
+        batch = self._batch(images)
         out = self.model(batch)
         dets = self.postprocess(out.pred, batch.orig_sizes)
         num_queries = int(out.pred.logits.shape[1])

@@ -91,6 +91,7 @@ def _build_moe_block(
         expert_parallel_group=group,
         shared_expert=moe_cfg.shared_expert,
         unit_gate=moe_cfg.unit_gate,
+        base_experts=moe_cfg.base_experts,
         expert_init=moe_cfg.expert_init,
     )
     return MoEBlock(

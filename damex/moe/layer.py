@@ -72,6 +72,9 @@ class MoEFFN(nn.Module):
         shared_expert: also pass every token through one shared FFN (same hidden width and
             activation) and add its output (DeepSeekMoE).
         unit_gate: combine weight 1 in value, gradient of the gate (straight-through).
+        base_experts: experts ``0..B-1`` predate the others (``damex extend``): their gates
+            ignore the added experts (:class:`~damex.moe.router.TopKRouter`) and the capacity
+            per expert stays the one of ``B`` experts. 0 = off.
         expert_init: ``"independent"`` (each expert its own random init) or ``"identical"``
             (all experts copies of expert 0).
     """
@@ -96,6 +99,7 @@ class MoEFFN(nn.Module):
         cpu_threads: bool | None = None,
         shared_expert: bool = False,
         unit_gate: bool = False,
+        base_experts: int = 0,
         expert_init: str = "independent",
     ) -> None:
         super().__init__()
@@ -121,6 +125,7 @@ class MoEFFN(nn.Module):
             gate_noise=gate_noise,
             kind=router,
             normalize_gate=normalize_gate,
+            base_experts=base_experts,
         )
         # All ranks build every expert from the same RNG state, then keep their own shard, so
         # the shards together equal the single-process layer's experts.
@@ -218,7 +223,8 @@ class MoEFFN(nn.Module):
         else:
             capacity = capacity_per_group(
                 sizes,
-                num_experts=self.num_experts,
+                # an extended layer keeps its old experts' capacity (base_experts: damex extend)
+                num_experts=self.router.base_experts or self.num_experts,
                 top_k=self.top_k,
                 capacity_factor=self.capacity_factor,
             )

@@ -58,6 +58,11 @@ class TopKRouter(nn.Module):
         kind: ``"linear"`` (``W x``, no bias) or ``"cosine"``.
         normalize_gate: renormalize the k gates of a token to sum to 1 (only matters for k > 1).
         cosine_dim: projection width of the cosine router.
+        base_experts: ``B > 0`` when experts ``B..E-1`` were added to a trained layer
+            (``damex extend``): every expert competes for the top-k choice, but the gate of a
+            chosen old expert (id ``< B``) is its softmax probability among the ``B`` old
+            experts only, so a token that picks an old expert gets exactly the old layer's
+            output. 0 = off.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class TopKRouter(nn.Module):
         kind: str = "linear",
         normalize_gate: bool = False,
         cosine_dim: int = 256,
+        base_experts: int = 0,
     ) -> None:
         super().__init__()
         if kind not in ROUTER_KINDS:
@@ -78,12 +84,15 @@ class TopKRouter(nn.Module):
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if gate_noise < 0:
             raise ValueError(f"gate_noise must be >= 0, got {gate_noise}")
+        if not 0 <= base_experts < num_experts:
+            raise ValueError(f"base_experts must be in [0, {num_experts}), got {base_experts}")
         self.d_model = d_model
         self.num_experts = num_experts
         self.top_k = top_k
         self.gate_noise = float(gate_noise)
         self.kind = kind
         self.normalize_gate = normalize_gate
+        self.base_experts = int(base_experts)
         if kind == "linear":
             self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, d]
             self.projection: nn.Linear | None = None
@@ -107,6 +116,7 @@ class TopKRouter(nn.Module):
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"kind={self.kind}, gate_noise={self.gate_noise}, "
             f"normalize_gate={self.normalize_gate}"
+            + (f", base_experts={self.base_experts}" if self.base_experts else "")
         )
 
     def compute_logits(self, x: Tensor) -> Tensor:
@@ -133,6 +143,11 @@ class TopKRouter(nn.Module):
             noisy = logits + torch.randn_like(logits) * (self.gate_noise / self.num_experts)
         scores = torch.softmax(noisy if noisy is not None else logits, dim=-1)  # [T, E]
         gate, expert = torch.topk(scores, self.top_k, dim=-1)  # [T, k] each
+        if self.base_experts > 0:  # old experts' gates ignore the experts added later
+            used = noisy if noisy is not None else logits
+            old = torch.softmax(used[:, : self.base_experts], dim=-1)  # [T, B]
+            old_gate = old.gather(1, expert.clamp(max=self.base_experts - 1))
+            gate = torch.where(expert < self.base_experts, old_gate, gate)
         if self.normalize_gate and self.top_k > 1:
             gate = gate / gate.sum(-1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
         return RouterOutput(
