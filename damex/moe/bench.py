@@ -43,6 +43,7 @@ def run_moe_benchmark(
     warmup: int = 1,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    threaded: bool = False,
 ) -> list[dict[str, Any]]:
     """Time forward + backward of the dense FFN (``E = 0``) and ``MoEFFN`` configurations.
 
@@ -59,10 +60,13 @@ def run_moe_benchmark(
         warmup: untimed rounds first.
         seed: RNG seed for weights and inputs.
         device: where to run.
+        threaded: also time every MoE configuration with the opt-in CPU expert threading
+            (``cpu_threads=True``, see :mod:`damex.moe.experts`), interleaved with the rest.
 
     Returns:
-        One dict per (T, E, cf): ``tokens, experts, capacity_factor (None for dense), top_k,
-        seconds (median), tokens_per_s, ratio_to_dense, kept_fraction``.
+        One dict per (T, E, cf[, threaded]): ``tokens, experts, capacity_factor (None for
+        dense), top_k, threaded, seconds (median), tokens_per_s, ratio_to_dense,
+        kept_fraction``.
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -74,31 +78,34 @@ def run_moe_benchmark(
         token_image = None
         if tokens_per_image:
             token_image = (torch.arange(num_tokens) // tokens_per_image).to(device)
-        configs: list[tuple[int, float | None, nn.Module]] = [
-            (0, None, _dense_ffn(d_model, hidden).to(device))
+        configs: list[tuple[int, float | None, bool, nn.Module]] = [
+            (0, None, False, _dense_ffn(d_model, hidden).to(device))
         ]
         for num_experts in experts:
             if num_experts <= 0:
                 continue
             for cf in capacity_factors:
-                layer = MoEFFN(
-                    d_model=d_model,
-                    hidden_dim=hidden,
-                    num_experts=num_experts,
-                    top_k=min(top_k, num_experts),
-                    capacity_factor=cf,
-                ).to(device)
-                configs.append((num_experts, cf, layer))
+                for thr in (False, True) if threaded else (False,):
+                    torch.manual_seed(seed + num_experts)  # same weights with and without
+                    layer = MoEFFN(
+                        d_model=d_model,
+                        hidden_dim=hidden,
+                        num_experts=num_experts,
+                        top_k=min(top_k, num_experts),
+                        capacity_factor=cf,
+                        cpu_threads=thr,
+                    ).to(device)
+                    configs.append((num_experts, cf, thr, layer))
         kept: dict[int, float] = {}
         times: list[list[float]] = [[] for _ in configs]
         for rnd in range(warmup + repeats):
-            for i, (_, _, module) in enumerate(configs):
+            for i, (_, _, _, module) in enumerate(configs):
                 elapsed, kept_fraction = _timed_step(module, x, token_image, grad_out, device)
                 kept[i] = kept_fraction
                 if rnd >= warmup:
                     times[i].append(elapsed)
         dense_s = statistics.median(times[0])
-        for i, (num_experts, cf, _) in enumerate(configs):
+        for i, (num_experts, cf, thr, _) in enumerate(configs):
             seconds = statistics.median(times[i])
             rows.append(
                 {
@@ -106,6 +113,7 @@ def run_moe_benchmark(
                     "experts": num_experts,
                     "capacity_factor": cf,
                     "top_k": 0 if num_experts == 0 else min(top_k, num_experts),
+                    "threaded": thr,
                     "seconds": seconds,
                     "tokens_per_s": num_tokens / seconds,
                     "ratio_to_dense": dense_s / seconds,
@@ -150,6 +158,8 @@ def format_moe_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for r in rows:
         name = "dense" if r["experts"] == 0 else str(r["experts"])
+        if r.get("threaded"):
+            name += " (threaded)"
         cf = "-" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
         k = "-" if r["experts"] == 0 else str(r["top_k"])
         lines.append(
@@ -174,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threaded", action="store_true", help="also time the opt-in CPU expert threading"
+    )
     args = parser.parse_args(argv)
     rows = run_moe_benchmark(
         tokens=_parse_ints(args.tokens),
@@ -184,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         repeats=args.repeats,
         top_k=args.top_k,
         device=args.device,
+        threaded=args.threaded,
     )
     print(format_moe_table(rows))  # CLI output
 

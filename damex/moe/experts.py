@@ -10,15 +10,21 @@ contiguous slices, with a hand-written backward: no per-token bias gathers, no z
 (:class:`ExpertFFN`), so its parameters and gradients are separate ``[h, d]`` tensors (a stacked
 ``[E, h, d]`` gradient of >= 32 MiB is a fresh, page-faulting ``mmap`` on every CPU backward).
 
-CPU threading: with several intra-op threads, the rows are split into one contiguous range per
-thread and each thread runs whole GEMMs single-threaded. MKL reaches only ~50% of peak on the
-small per-expert weight-gradient GEMMs (reduction length = rows of one expert) when it splits
-one GEMM over 2 threads, but ~100% of a core when each core owns whole GEMMs (measured on the
-2-core dev box; ``damex.moe.bench`` compares against the dense FFN).
+Only public PyTorch ops run by default (``nn.functional`` activations; their derivatives from
+the activations' own autograd on a recomputed forward), and nothing outside the call changes.
+
+Opt-in CPU threading (``threaded=True``; off by default): the rows are split into one
+contiguous range per intra-op thread and each thread runs whole GEMMs single-threaded on a
+small worker pool. MKL reaches only ~50% of peak on the small per-expert weight-gradient GEMMs
+when it splits one GEMM over 2 threads, but ~100% of a core when each core owns whole GEMMs.
+This needs ``torch.set_num_threads(1)`` during the call, which is **process-wide** (other
+threads of the process run single-threaded meanwhile), so it is not the default;
+``python -m damex.moe.bench --threaded`` measures what it buys next to the default path.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +37,6 @@ from torch import Tensor, nn
 __all__ = ["ACTIVATIONS", "ExpertFFN", "Experts", "expert_ffn"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-
-# Automatic CPU threading (measured on the 2-core dev box, d=256, h=2048): below this many
-# multiply-adds per GEMM, thread dispatch costs more than it saves; above this many rows per
-# expert, MKL's own multi-threaded GEMMs are as fast (and per-thread buffers of that size get
-# page-faulted again on every call by glibc's worker-thread arenas).
-_THREAD_MIN_MACS = 1 << 24
-_THREAD_MAX_ROWS_PER_EXPERT = 512
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -56,25 +55,27 @@ def _get_pool(num_workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _act_forward(name: str, a: Tensor, out: Tensor) -> None:
-    if name == "gelu":
-        torch._C._nn.gelu(a, approximate="none", out=out)
-    elif name == "gelu_tanh":
-        torch._C._nn.gelu(a, approximate="tanh", out=out)
-    elif name == "relu":
-        torch.clamp_min(a, 0, out=out)
-    else:  # silu
-        torch._C._nn.silu(a, out=out)
+_ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def _act_forward(name: str, a: Tensor) -> Tensor:
+    return _ACT_FNS[name](a)
 
 
 def _act_backward(name: str, grad: Tensor, a: Tensor) -> Tensor:
-    if name == "gelu":
-        return torch.ops.aten.gelu_backward(grad, a, approximate="none")
-    if name == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, a, approximate="tanh")
+    """``grad * act'(a)`` with public ops: ReLU's mask, otherwise the activation's own autograd
+    backward on a recomputed forward (one extra elementwise pass, the fused derivative)."""
     if name == "relu":
-        return torch.ops.aten.threshold_backward(grad, a, 0)
-    return torch.ops.aten.silu_backward(grad, a)
+        return grad * (a > 0)
+    with torch.enable_grad():
+        leaf = a.detach().requires_grad_(True)
+        (out,) = torch.autograd.grad(_ACT_FNS[name](leaf), leaf, grad)
+    return out
 
 
 # A work item: (expert, first row, end row, whether this item holds all rows of the expert).
@@ -172,8 +173,7 @@ class _ExpertFFNFunction(torch.autograd.Function):
             for item in items:
                 e, s, t, _ = item
                 a = torch.addmm(b1[e], x[s:t], w1[e].t())  # [M, h]
-                hid = torch.empty_like(a)
-                _act_forward(meta.activation, a, hid)
+                hid = _act_forward(meta.activation, a)
                 if drop_mask is not None:
                     hid.mul_(drop_mask[s:t]).mul_(meta.drop_scale)
                 if b2 is None:
@@ -282,9 +282,9 @@ def expert_ffn(
         activation: one of :data:`ACTIVATIONS`.
         dropout: dropout probability on the hidden activations (training only).
         training: whether dropout is active.
-        threaded: CPU only: one contiguous row range per intra-op thread, each thread running
-            single-threaded GEMMs. None = automatic (CPU, > 1 thread, enough work, at most 512
-            rows per expert on average).
+        threaded: CPU only, opt-in: one contiguous row range per intra-op thread, each thread
+            running single-threaded GEMMs; sets the process-wide thread count to 1 during the
+            call (module docstring). None or False = plain ops on the calling thread.
 
     Returns:
         ``[N, d]``, in ``x``'s dtype (autocast is resolved by the caller, see :class:`Experts`).
@@ -303,14 +303,8 @@ def expert_ffn(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     hidden = w1[0].shape[0]
-    if threaded is None:
-        macs = x.shape[0] * hidden * x.shape[1]
-        rows_per_expert = x.shape[0] / max(1, sum(c > 0 for c in counts))
-        threaded = x.device.type == "cpu" and torch.get_num_threads() > 1
-        threaded = threaded and macs >= _THREAD_MIN_MACS
-        threaded = threaded and rows_per_expert <= _THREAD_MAX_ROWS_PER_EXPERT
-    elif threaded and x.device.type != "cpu":
-        threaded = False
+    # opt-in only: the worker pool flips the process-wide thread count (module docstring)
+    threaded = bool(threaded) and x.device.type == "cpu" and torch.get_num_threads() > 1
     drop_mask, drop_scale = None, 1.0
     if training and dropout > 0.0:
         # Drawn here, on the calling thread, so that results do not depend on thread timing.
@@ -380,7 +374,7 @@ class Experts(nn.Module):
         activation: one of :data:`ACTIVATIONS`.
         dropout: dropout on the hidden activations.
         fc2_bias: whether fc2 has a (trainable) bias.
-        cpu_threads: see ``threaded`` in :func:`expert_ffn` (None = automatic).
+        cpu_threads: see ``threaded`` in :func:`expert_ffn` (None = off).
         first_expert: global id of the first expert held here.
     """
 

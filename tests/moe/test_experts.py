@@ -183,3 +183,41 @@ def test_validation_errors() -> None:
         experts(torch.randn(5, 4, dtype=torch.float64), [2, 3])
     with pytest.raises(ValueError, match="activation"):
         Experts(num_experts=2, d_model=4, hidden_dim=8, activation="tanh")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
+def test_default_path_leaves_the_thread_count_alone(activation, two_threads, monkeypatch) -> None:
+    """The default (unthreaded) path never touches process-wide state."""
+
+    def forbidden(n: int) -> None:
+        raise AssertionError(f"expert_ffn called torch.set_num_threads({n})")
+
+    w1, b1, w2, b2 = _params(3, 8, 16, dtype=torch.float32)
+    x = torch.randn(600, 8, requires_grad=True)  # large enough for the old automatic threading
+    monkeypatch.setattr(torch, "set_num_threads", forbidden)
+    y = expert_ffn(x, [200, 100, 300], w1, b1, w2, b2, activation=activation)
+    y.square().sum().backward()
+    assert x.grad is not None and all(w.grad is not None for w in w1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_layer_forward_backward_on_cuda() -> None:
+    from damex.moe import MoEFFN
+
+    torch.manual_seed(0)
+    layer = MoEFFN(d_model=32, hidden_dim=64, num_experts=4, capacity_factor=1.25).eval()
+    cpu_x = torch.randn(50, 32)
+    token_image = torch.arange(50) // 25
+    ref_y, _ = layer(cpu_x, token_image)  # eval: no gate noise, the same routing on both
+    layer = layer.cuda()
+    x = cpu_x.cuda().requires_grad_(True)
+    y, _ = layer(x, token_image.cuda())
+    torch.testing.assert_close(y.cpu(), ref_y, atol=1e-4, rtol=1e-4)
+    layer.train()
+    y, info = layer(x, token_image.cuda())
+    y.square().sum().backward()
+    assert info.expert.device.type == "cuda"
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for e in set(info.expert[info.kept].tolist()):
+        assert layer.experts[e].fc1.weight.grad is not None
