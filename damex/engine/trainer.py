@@ -301,6 +301,15 @@ class Trainer:
         model, criterion, postprocess = build_model_parts(
             self.cfg, self.data.label_space.num_classes
         )
+        if self.cfg.moe.upcycle_from and self.cfg.uses_moe:  # sparse upcycling (new runs)
+            from damex.engine.upcycle import upcycle_from_checkpoint
+
+            upcycle_from_checkpoint(
+                model,
+                self.cfg.moe.upcycle_from,
+                noise=self.cfg.moe.upcycle_noise,
+                seed=self.tcfg.seed,
+            )
         model.to(self.device)
         criterion.to(self.device)
         logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
@@ -363,6 +372,15 @@ class Trainer:
             Evaluation(eval_every=tcfg.eval_every, epochs=tcfg.epochs),
             PeriodicCheckpoint(checkpoint_every=tcfg.checkpoint_every),
         ]
+        if self.cfg.uses_moe and self.cfg.moe.loss_schedule != "constant":
+            from damex.engine.moe_schedule import MoELossSchedule
+
+            hooks.insert(
+                1,
+                MoELossSchedule(
+                    total_iters=self.total_iters, time_budget_s=tcfg.time_budget_min * 60.0
+                ),
+            )
         return hooks
 
     def register_hooks(self, hooks: list[HookBase]) -> None:

@@ -144,3 +144,41 @@ def test_from_checkpoint_file_and_clear_errors(tmp_path) -> None:
         upcycle_(moe, wide.state_dict(), source="wide.pth")
     with pytest.raises(CheckpointError, match="no MoE decoder layer"):
         upcycle_(dense, dense.state_dict())
+
+
+def test_chained_dense_then_upcycled_damex_ramped_loss(tmp_path, synthetic_root) -> None:
+    """``moe.upcycle_from`` in a real run: the new run starts from the dense checkpoint, and the
+    ramp schedule weights the DAMEX loss 0 at the first step and 1/2 of it at the second."""
+    from engine_fixtures import tiny_config_dict
+
+    from damex.config import config_from_dict
+    from damex.engine.checkpoint import load_checkpoint
+    from damex.engine.logging import read_jsonl
+    from damex.engine.trainer import Trainer, train
+
+    dense_cfg = tiny_config_dict(synthetic_root, tmp_path / "dense", epochs=1)
+    dense_cfg["model"]["decoder_ffn"] = ["dense", "dense"]
+    train(config_from_dict(dense_cfg))
+    dense_ckpt = tmp_path / "dense" / "last.pth"
+
+    moe_cfg = tiny_config_dict(synthetic_root, tmp_path / "moe", epochs=1)
+    moe_cfg["moe"].update(
+        upcycle_from=str(dense_ckpt), norm="post", activation="relu", unit_gate=True,
+        capacity_factor=0.0, drop_path=0.0, loss="damex", loss_weight=0.8,
+        loss_schedule="ramp", loss_ramp_frac=1.0,
+    )  # fmt: skip
+    trainer = Trainer(config_from_dict(moe_cfg), None)
+    trainer.setup()
+    dense_state = load_checkpoint(dense_ckpt)["model"]
+    experts = trainer.model.transformer.decoder.layers[0].ffn.moe.experts
+    w1 = dense_state["transformer.decoder.layers.0.ffn.linear1.weight"]
+    assert all(torch.equal(experts[e].fc1.weight, w1) for e in range(2))
+    assert torch.equal(
+        trainer.model.backbone.body.conv1.weight, dense_state["backbone.body.conv1.weight"]
+    )
+    trainer.fit()
+    records = [r for r in read_jsonl(tmp_path / "moe" / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["iter"] for r in records] == [1, 2]
+    first, second = records
+    assert first["loss_moe"] == 0.0 and first["unweighted/loss_moe"] > 0
+    assert second["loss_moe"] == pytest.approx(0.4 * second["unweighted/loss_moe"], rel=1e-4)
