@@ -328,6 +328,7 @@ class Evaluation(HookBase):
             matcher=t.criterion.matcher if want_routing else None,
         )
         self.last_routing = routing
+        improved = False
         if t.is_main and results is not None:
             logger.info(
                 "evaluation at iteration %d (%.1f s):\n%s",
@@ -335,16 +336,23 @@ class Evaluation(HookBase):
                 time.perf_counter() - t0,
                 results.to_markdown(),
             )
-            self._record(results, final=final)
+            improved = self._record(results, final=final)
         # every rank keeps the same view of the best values (they go into checkpoints)
         st = t.state
-        st.best_mean_ap, st.best_per_dataset = dist_utils.broadcast_object(
-            (st.best_mean_ap, st.best_per_dataset)
+        st.best_mean_ap, st.best_per_dataset, improved = dist_utils.broadcast_object(
+            (st.best_mean_ap, st.best_per_dataset, improved)
         )
+        if improved:  # every rank: gathering an expert-parallel model is collective
+            state = t.best_checkpoint(results)
+            if t.is_main:
+                ckpt.save_checkpoint(ckpt.best_path(t.out_dir), state)
+                logger.info(
+                    "new best mean AP %.4f -> %s", st.best_mean_ap, ckpt.best_path(t.out_dir)
+                )
         return results
 
-    def _record(self, results: Any, *, final: bool) -> None:
-        """Log the ``eval`` record, update the best values, write ``best.pth`` (rank 0)."""
+    def _record(self, results: Any, *, final: bool) -> bool:
+        """Log the ``eval`` record, update the best values (rank 0); returns whether improved."""
         t = self.trainer
         st = t.state
         mean_ap = float(results.mean_ap)
@@ -372,9 +380,7 @@ class Evaluation(HookBase):
             st.best_mean_ap = mean_ap
         record["best_mean_ap"] = st.best_mean_ap
         t.run_log.log(record, step=st.iteration, prefix="eval")
-        if improved:
-            ckpt.save_checkpoint(ckpt.best_path(t.out_dir), t.best_checkpoint(results))
-            logger.info("new best mean AP %.4f -> %s", mean_ap, ckpt.best_path(t.out_dir))
+        return improved
 
 
 class PeriodicCheckpoint(HookBase):

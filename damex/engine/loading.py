@@ -20,6 +20,7 @@ from damex.config import Config
 from damex.data.loader import build_test_loaders
 from damex.engine import checkpoint as ckpt
 from damex.engine import distributed as dist_utils
+from damex.engine import expert_parallel
 from damex.engine.inference import run_inference
 from damex.engine.run_data import RunData, amp_dtype, build_model_parts, build_run_data
 from damex.errors import ConfigError
@@ -52,7 +53,8 @@ def load_for_inference(
     if state.get("ema") and use_ema is not False:
         weights = state["ema"]["module"]
         logger.info("evaluating the EMA weights of %s", path)
-    ckpt.load_model_state(model, weights, path=path)
+    # the single-process layout of any run; under torchrun an expert-parallel rank keeps its own
+    expert_parallel.load_model_state(model, weights, path=path)
     dev = device or dist_utils.resolve_device(cfg.train.device)
     model.to(dev).eval()
     return model, postprocess, data, state

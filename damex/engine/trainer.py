@@ -58,14 +58,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from damex import __version__
 from damex.config import Config, config_to_dict, config_to_yaml, save_config
 from damex.data.loader import build_test_loaders, build_train_loader
 from damex.engine import checkpoint as ckpt
 from damex.engine import distributed as dist_utils
-from damex.engine.ema import ModelEMA, unwrap_model
+from damex.engine import expert_parallel
+from damex.engine.ema import ModelEMA
 from damex.engine.hooks import (
     EMAUpdate,
     Evaluation,
@@ -347,11 +347,9 @@ class Trainer:
         """
         if not self.info.distributed:
             return model
-        # MoE experts without tokens, the DN label table without GT, etc. get no gradient
-        kwargs: dict[str, Any] = {"find_unused_parameters": True}
-        if self.device.type == "cuda":
-            kwargs["device_ids"] = [self.device.index]
-        return DistributedDataParallel(model, **kwargs)
+        # MoE experts without tokens, the DN label table without GT, etc. get no gradient;
+        # expert-parallel experts are rank-local and stay out of DDP (engine.expert_parallel)
+        return expert_parallel.wrap_ddp(model, device=self.device, find_unused_parameters=True)
 
     def build_hooks(self) -> list[HookBase]:
         """The default hooks, in call order (see :mod:`damex.engine.hooks`)."""
@@ -393,17 +391,15 @@ class Trainer:
     def _restore(self, st: dict[str, Any]) -> None:
         """Load model, optimizer, scheduler, scaler, EMA, counters, sampler and RNG states."""
         path = self.resume_path
-        ckpt.load_model_state(self.model, st["model"], path=path)
-        try:
-            self.optimizer.load_state_dict(st["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {path}: optimizer state does not match: {e}") from e
+        # checkpoints hold the single-process layout; an expert-parallel rank keeps its experts
+        expert_parallel.load_model_state(self.model, st["model"], path=path)
+        expert_parallel.load_optimizer_state(self.model, self.optimizer, st["optimizer"], path=path)
         self.scheduler.load_state_dict(st["scheduler"])
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         if self.ema is not None:
             if st.get("ema"):
-                self.ema.load_state_dict(st["ema"])
+                expert_parallel.load_ema_state(self.ema, st["ema"])
             else:
                 logger.warning("checkpoint %s has no EMA state; EMA restarts from the model", path)
                 self.ema = self._new_ema()
@@ -458,11 +454,12 @@ class Trainer:
             sampler_state = {"epoch": self.state.epoch, "global_batches_consumed": 0}
         return {
             **checkpoint_meta(self.cfg, self.data, self.state),
-            "model": unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # gathered on rank 0 under expert parallelism: the checkpoint does not depend on W
+            "model": expert_parallel.gather_model_state(self.model),
+            "optimizer": expert_parallel.gather_optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": expert_parallel.gather_ema_state(self.ema) if self.ema is not None else None,
             "sampler": sampler_state,
             "rng": rngs,
             "trainer": trainer,
@@ -472,10 +469,10 @@ class Trainer:
         """``best.pth``: the evaluated weights and their metrics (no optimizer state)."""
         return {
             **checkpoint_meta(self.cfg, self.data, self.state),
-            "model": unwrap_model(self.eval_model).state_dict(),
+            "model": expert_parallel.gather_model_state(self.eval_model),  # collective
             "ema": None,
             "weights": "ema" if self.ema is not None else "model",
-            "metrics": results.to_dict(),
+            "metrics": results.to_dict() if results is not None else None,
         }
 
     def save(self, *, epoch_file: bool = False) -> None:
@@ -572,7 +569,9 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.tcfg.clip_max_norm if self.tcfg.clip_max_norm > 0 else math.inf
-        return float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
+        # expert parallelism: expert grads / W, then the global norm over every rank's experts
+        expert_parallel.finish_expert_grads_(self.model)
+        return float(expert_parallel.clip_grad_norm_(self.model, self._params, max_norm))
 
     def _optimizer_step(self, grad_norm: float) -> bool:
         """Apply the gradients; returns False when the step was skipped (non-finite norm)."""
