@@ -683,6 +683,12 @@ def _validate(cfg: Config, source: str, origin: Mapping[str, str]) -> None:
             f"must have one entry per decoder layer "
             f"(model.dec_layers={cfg.model.dec_layers}), got {len(cfg.model.decoder_ffn)}",
         )
+    if cfg.moe.expert_parallel and cfg.train.amp == "fp16":
+        fail(
+            "train.amp",
+            "fp16 does not work with moe.expert_parallel=true: the GradScaler skips a step on the "
+            "ranks whose own experts overflowed only, and the ranks would diverge; use bf16",
+        )
     if cfg.moe.top_k > cfg.moe.num_experts:
         fail("moe.top_k", f"({cfg.moe.top_k}) must be <= moe.num_experts ({cfg.moe.num_experts})")
     if not cfg.data.train:

@@ -174,6 +174,8 @@ def test_expert_parallel_loads_and_is_a_boolean(tmp_path: Path) -> None:
     assert load_config(path, ["moe.expert_parallel=true"]).moe.expert_parallel is True
     with pytest.raises(ConfigError, match=r"moe\.expert_parallel"):
         load_config(path, ["moe.expert_parallel=maybe"])
+    with pytest.raises(ConfigError, match=r"'train\.amp' fp16 does not work with moe\.expert"):
+        load_config(path, ["moe.expert_parallel=true", "train.amp=fp16"])
 
 
 def test_stale_expert_map_entry_names_the_file_that_set_it(tmp_path: Path) -> None:
