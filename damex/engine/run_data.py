@@ -26,6 +26,7 @@ from damex.errors import CheckpointError, ConfigError, DamexError
 from damex.modeling import build_model
 from damex.modeling.criterion import build_criterion
 from damex.modeling.postprocess import build_postprocess
+from damex.moe.mapping import ExpertMap
 
 __all__ = [
     "RunData",
@@ -52,13 +53,13 @@ class RunData:
     Attributes:
         catalog: the dataset catalog of ``cfg.data``.
         label_space: the unified label space (the checkpoint's when loading one).
-        expert_map: dataset name -> expert id (-1: no expert).
+        expert_map: the run's dataset -> expert map (``NO_EXPERT`` = -1: none).
         expert_of_dataset: ``[num datasets]`` int64, the expert of each label-space dataset.
     """
 
     catalog: Any
     label_space: LabelSpace
-    expert_map: dict[str, int]
+    expert_map: ExpertMap
     expert_of_dataset: torch.Tensor
 
 
@@ -69,25 +70,20 @@ def run_dataset_names(cfg: Config) -> list[str]:
     return names
 
 
-def build_expert_map(cfg: Config, catalog: Any, names: list[str]) -> dict[str, int]:
-    """Dataset name -> expert: ``moe.expert_map`` first, then the catalog's default, else -1.
+def build_expert_map(cfg: Config, catalog: Any, names: list[str]) -> ExpertMap:
+    """The run's dataset -> expert map: ``moe.expert_map`` first, then the catalog's default.
+
+    Datasets with neither (evaluated only) map to ``NO_EXPERT`` (-1). The one map of the run:
+    the loss table, inference statistics, reports and checkpoints all read it.
 
     Raises:
-        ConfigError: an expert id outside ``[0, moe.num_experts)``.
+        ConfigError: an expert id outside ``[0, moe.num_experts)``, or ``auto`` not resolved.
     """
-    out: dict[str, int] = {}
-    for name in names:
-        if name in cfg.moe.expert_map:
-            e, src = int(cfg.moe.expert_map[name]), f"moe.expert_map.{name}"
-        else:
-            default = catalog.get(name).expert
-            e, src = (-1 if default is None else int(default)), f"catalog expert of {name!r}"
-        if cfg.uses_moe and e >= cfg.moe.num_experts:
-            raise ConfigError(
-                f"{src} = {e} is out of range [0, moe.num_experts={cfg.moe.num_experts})"
-            )
-        out[name] = e
-    return out
+    defaults = {name: catalog.get(name).expert for name in names}
+    try:
+        return ExpertMap.build(names, cfg.moe.expert_map, cfg.moe.num_experts, defaults=defaults)
+    except ValueError as e:
+        raise ConfigError(f"moe.expert_map: {e}") from None
 
 
 def build_run_data(cfg: Config, *, label_space_state: dict[str, Any] | None = None) -> RunData:
@@ -117,8 +113,7 @@ def build_run_data(cfg: Config, *, label_space_state: dict[str, Any] | None = No
     else:
         label_space = build_label_space(catalog, names, policy=cfg.data.label_policy)
     expert_map = build_expert_map(cfg, catalog, label_space.dataset_names)
-    table = torch.tensor([expert_map[n] for n in label_space.dataset_names], dtype=torch.int64)
-    return RunData(catalog, label_space, expert_map, table)
+    return RunData(catalog, label_space, expert_map, expert_map.as_tensor())
 
 
 def _is_synthetic(catalog: Any, name: str, cfg: Config) -> bool:
