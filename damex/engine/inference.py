@@ -3,16 +3,18 @@
 Every rank runs its shard of every loader (the test loaders hand out contiguous, disjoint rank
 shards); detections are gathered on rank 0 by ``MultiDatasetEvaluator`` (which evaluates each
 dataset against its own GT JSON in native category ids); routing statistics are summed over
-ranks. The model runs in eval mode under ``torch.no_grad``; the dataset identity of an image is
-used only to pick its GT file and, for the oracle, to restrict scores to the dataset's labels
-(DESIGN.md §5: it never enters routing).
+ranks. The model runs in eval mode under ``torch.inference_mode``; the dataset identity of an
+image is used only to pick its GT file and, for the oracle, to restrict scores to the dataset's
+labels (DESIGN.md §5: it never enters routing).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,6 @@ def _token_masks(
     return [select_tokens(info, tokens, fg) for info in out.routing]
 
 
-@torch.no_grad()
 def run_inference(
     model: nn.Module,
     postprocess: PostProcess,
@@ -97,10 +98,15 @@ def run_inference(
 ) -> tuple[EvalResults | RawDetections | None, Any]:
     """Run the detector over every test loader and evaluate per dataset.
 
+    Runs under ``torch.inference_mode`` (no autograd bookkeeping, the deformable attention's
+    no-grad path); a loader without worker processes is read one batch ahead on a background
+    thread, so that loading overlaps the forward.
+
     Args:
         model: the detector (a DDP wrapper is unwrapped); switched to eval mode and restored.
         postprocess: the protocol post-processor (unrestricted top-K).
-        loaders: dataset name -> test loader (each rank its shard).
+        loaders: dataset name -> test loader (each rank its shard; ``eval.batch_size`` images
+            per forward).
         label_space: the run's label space (dataset ids, native ids, oracle slices).
         routing_stats: also accumulate dataset x expert routing statistics (MoE models).
         restrict: also compute the ``restrict_to_dataset_labels`` oracle (reported separately).
@@ -123,16 +129,52 @@ def run_inference(
     net = unwrap_model(model)
     was_training = net.training
     net.eval()
-    device = next(net.parameters()).device
     gt_files = dict(gt) if gt is not None else gt_files_of(loaders)
-    evaluator = None
-    raw = RawDetections()
+    sink = _Sink(label_space, routing_tokens, matcher, expert_of_dataset, routing_stats)
     if gt_files is not None:
-        evaluator = MultiDatasetEvaluator(
+        sink.evaluator = MultiDatasetEvaluator(
             gt={n: gt_files[n] for n in loaders if n in gt_files},
             label_space=label_space,
             only_processed_images=max_images > 0 or _capped(loaders),
         )
+    sink.main_pp, sink.oracle_pp = _postprocessors(postprocess, restrict)
+    names = [
+        n for n in loaders if sink.evaluator is None or n in sink.evaluator.datasets_to_evaluate
+    ]
+    bar = tqdm(
+        total=sum(len(loaders[n]) for n in names),
+        desc="eval",
+        # True: off; None: on only when stderr is a terminal
+        disable=True if not (progress and dist_utils.is_main_process()) else None,
+        dynamic_ncols=True,
+        leave=False,
+    )
+    device = next(net.parameters()).device
+    try:
+        with torch.inference_mode():
+            for name in names:
+                for batch in _batches(net, loaders[name], max_images, amp_dtype):
+                    batch = batch_to_device(batch, device)
+                    with torch.autocast(
+                        device_type=device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None,
+                    ):  # fmt: skip
+                        out = net(batch)
+                    sink.add(name, batch, out)
+                    bar.update(1)
+            stats = _reduce_stats(sink.stats, label_space) if routing_stats else sink.stats
+            if sink.evaluator is None:
+                return sink.raw, stats
+            return sink.evaluator.evaluate(), stats
+    finally:
+        bar.close()
+        net.train(was_training)
+
+
+def _postprocessors(
+    postprocess: PostProcess, restrict: bool
+) -> tuple[PostProcess, PostProcess | None]:
+    """(unrestricted protocol post-processor, dataset-restricted oracle or None)."""
     oracle_pp = None
     if restrict:
         oracle_pp = PostProcess(num_select=postprocess.num_select, restrict_to_dataset_labels=True)
@@ -140,81 +182,140 @@ def run_inference(
     if postprocess.restrict_to_dataset_labels:
         main_pp = PostProcess(num_select=postprocess.num_select, restrict_to_dataset_labels=False)
         oracle_pp = postprocess
-    stats = None
-    slices = [torch.tensor(label_space.dataset_slice(i)) for i in range(label_space.num_datasets)]
+    return main_pp, oracle_pp
 
-    names = [n for n in loaders if evaluator is None or n in evaluator.datasets_to_evaluate]
-    total = sum(len(loaders[n]) for n in names)
-    bar = tqdm(
-        total=total,
-        desc="eval",
-        # True: off; None: on only when stderr is a terminal
-        disable=True if not (progress and dist_utils.is_main_process()) else None,
-        dynamic_ncols=True,
-        leave=False,
-    )
+
+def _batches(
+    net: nn.Module, loader: DataLoader, max_images: int, amp_dtype: torch.dtype | None
+) -> Iterator[Batch]:
+    """The loader's batches (up to ``max_images`` images), in lockstep with expert parallelism
+    (a rank out of batches still joins the others' all-to-alls); read one batch ahead on a
+    thread when the loader has no worker processes."""
+    seen = 0
+    batches: Iterator[Batch] = iter(loader)
+    if getattr(loader, "num_workers", 0) == 0:
+        batches = _read_ahead(batches)
     try:
-        for name in names:
-            seen = 0
-            batches = iter(loaders[name])
-            while True:
-                batch = next(batches, None) if max_images <= 0 or seen < max_images else None
-                # expert parallelism: a rank out of batches still joins the others' all-to-alls
-                if not inference_lockstep(net, batch is not None, amp_dtype=amp_dtype):
-                    break
-                if batch is None:
-                    continue
-                batch = batch.to(device)
-                with torch.autocast(
-                    device_type=device.type, dtype=amp_dtype or torch.float32,
-                    enabled=amp_dtype is not None,
-                ):  # fmt: skip
-                    out = net(batch)
-                if routing_stats and out.routing:
-                    if stats is None:
-                        emap = None
-                        if expert_of_dataset is not None and bool((expert_of_dataset >= 0).all()):
-                            emap = expert_of_dataset
-                        stats = RoutingStats(
-                            len(out.routing),
-                            label_space.num_datasets,
-                            out.routing[0].num_experts,
-                            emap,
-                        )
-                    masks = _token_masks(out, batch, routing_tokens, matcher)
-                    stats.update(out.routing, batch.dataset_ids, masks)
-                dets = main_pp(out.pred, batch.orig_sizes)
-                oracle = None
-                if oracle_pp is not None:
-                    ds_slices = [slices[int(d)] for d in batch.dataset_ids.tolist()]
-                    oracle = oracle_pp(out.pred, batch.orig_sizes, ds_slices)
-                dets = [d.to("cpu") for d in dets]
-                oracle = None if oracle is None else [d.to("cpu") for d in oracle]
-                if evaluator is not None:
-                    evaluator.process(batch.dataset_ids, batch.image_ids, dets, oracle)
-                else:
-                    ids = batch.image_ids.tolist()
-                    raw.detections.setdefault(name, []).extend(zip(ids, dets))
-                    if oracle is not None:
-                        raw.oracle.setdefault(name, []).extend(zip(ids, oracle))
-                seen += len(batch)
-                bar.update(1)
+        while True:
+            batch = next(batches, None) if max_images <= 0 or seen < max_images else None
+            if not inference_lockstep(net, batch is not None, amp_dtype=amp_dtype):
+                return
+            if batch is None:
+                continue
+            seen += len(batch)
+            yield batch
     finally:
-        bar.close()
-        net.train(was_training)
-    if routing_stats and dist_utils.get_world_size() > 1:
-        # a rank without any batch has no stats object: agree on the shape first
-        shapes = dist_utils.all_gather_object(
-            None if stats is None else (stats.num_layers, stats.num_experts, stats.expert_map)
-        )
-        ref = next((s for s in shapes if s is not None), None)
-        if ref is not None:
-            if stats is None:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _read_ahead(it: Iterator[Batch], depth: int = 1) -> Iterator[Batch]:
+    """Iterate ``it`` on a daemon thread, ``depth`` items ahead (image decoding and resizing
+    release the GIL, so they overlap the forward). Errors are re-raised here."""
+    done = object()
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(_Failure(e))
+
+    thread = threading.Thread(target=work, name="damex-eval-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+@dataclass
+class _Sink:
+    """Where the detections and routing statistics of every batch go."""
+
+    label_space: LabelSpace
+    routing_tokens: str
+    matcher: Callable[..., Any] | None
+    expert_of_dataset: torch.Tensor | None
+    routing_stats: bool
+    evaluator: MultiDatasetEvaluator | None = None
+    main_pp: PostProcess | None = None
+    oracle_pp: PostProcess | None = None
+    raw: RawDetections = field(default_factory=RawDetections)
+    stats: RoutingStats | None = None
+
+    def add(self, name: str, batch: Batch, out: Any) -> None:
+        if self.routing_stats and out.routing:
+            self._add_routing(batch, out)
+        assert self.main_pp is not None
+        dets = [d.to("cpu") for d in self.main_pp(out.pred, batch.orig_sizes)]
+        oracle = None
+        if self.oracle_pp is not None:
+            ls = self.label_space
+            ds_slices = [torch.tensor(ls.dataset_slice(int(d))) for d in batch.dataset_ids.tolist()]
+            oracle = self.oracle_pp(out.pred, batch.orig_sizes, ds_slices)
+            oracle = [d.to("cpu") for d in oracle]
+        if self.evaluator is not None:
+            self.evaluator.process(batch.dataset_ids, batch.image_ids, dets, oracle)
+            return
+        ids = batch.image_ids.tolist()
+        self.raw.detections.setdefault(name, []).extend(zip(ids, dets))
+        if oracle is not None:
+            self.raw.oracle.setdefault(name, []).extend(zip(ids, oracle))
+
+    def _add_routing(self, batch: Batch, out: Any) -> None:
+        if self.stats is None:
+            emap = self.expert_of_dataset
+            if emap is not None and not bool((emap >= 0).all()):
+                emap = None
+            # ordinary tensors (not inference tensors): callers may merge the stats in place
+            with torch.inference_mode(False):
+                self.stats = RoutingStats(
+                    len(out.routing),
+                    self.label_space.num_datasets,
+                    out.routing[0].num_experts,
+                    emap,
+                )
+        masks = _token_masks(out, batch, self.routing_tokens, self.matcher)
+        self.stats.update(out.routing, batch.dataset_ids, masks)
+
+
+def _reduce_stats(stats: RoutingStats | None, label_space: LabelSpace) -> RoutingStats | None:
+    """Sum the routing statistics over ranks (a rank without any batch has none yet)."""
+    if dist_utils.get_world_size() <= 1:
+        return stats
+    shapes = dist_utils.all_gather_object(
+        None if stats is None else (stats.num_layers, stats.num_experts, stats.expert_map)
+    )
+    ref = next((s for s in shapes if s is not None), None)
+    if ref is not None:
+        if stats is None:
+            with torch.inference_mode(False):
                 stats = RoutingStats(ref[0], label_space.num_datasets, ref[1], ref[2])
-            stats.all_reduce_()
-    if evaluator is None:
-        return raw, stats
-    return evaluator.evaluate(), stats
+        stats.all_reduce_()
+    return stats
 
 
 def _capped(loaders: Mapping[str, DataLoader]) -> bool:

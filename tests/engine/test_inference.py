@@ -69,3 +69,18 @@ def test_max_images_and_deterministic_detections(parts) -> None:
     assert stats is None and set(a.detections) == set(b.detections)
     for name, dets in a.detections.items():  # eval mode: no routing noise, no DN queries
         assert np.array_equal(np.asarray(dets), np.asarray(b.detections[name]))
+
+
+def test_read_ahead_keeps_order_and_reraises_loader_errors():
+    from damex.engine.inference import _read_ahead
+
+    assert list(_read_ahead(iter(range(7)))) == list(range(7))
+
+    def broken():
+        yield 1
+        raise ValueError("bad image 3.jpg")
+
+    it = _read_ahead(broken())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad image"):
+        next(it)
