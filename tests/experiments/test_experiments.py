@@ -163,11 +163,16 @@ def test_summarize_means_std_and_baseline_difference() -> None:
 def _test_metrics(results_json: Path) -> dict:
     data = json.loads(results_json.read_text())
     return {
-        "mean": {"AP": data["mean"]["AP"], "AP50": data["mean"]["AP50"]},
+        "mean": {
+            "AP": data["mean"]["AP"],
+            "AP50": data["mean"]["AP50"],
+            "VOC_AP50": data["mean"]["VOC_AP50"],
+        },
         "datasets": {
             n: {
                 "AP": m["ap"],
                 "AP50": m["ap50"],
+                "VOC_AP50": m["voc_ap50"],
                 "foreign_share": m["foreign_share"],
                 "num_images": m["num_images"],
             }
