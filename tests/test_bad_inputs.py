@@ -605,7 +605,6 @@ CHECKPOINT_ROWS = [
         _ckpt(_truncate, command="train"),
         2,
         ("last.pth is truncated", "no previous checkpoint"),
-        pending="--resume does not use load_checkpoint_with_fallback yet (trainer.py locked)",
     ),
 ]
 
@@ -667,6 +666,24 @@ CLI_ROWS = [
         ("nope", "annotation file not found"),
     ),
     Row(
+        "extend-checkpoint-missing",
+        _cli("extend", "-c", "{small}", "--checkpoint", "{tmp}/nope.pth"),
+        2,
+        ("nope.pth does not exist",),
+    ),
+    Row(
+        "export-not-a-checkpoint",
+        _cli("export", "--checkpoint", "{tmp}/a_file", "--out", "{tmp}/m.onnx"),
+        2,
+        ("a_file is truncated or not a torch checkpoint",),
+    ),
+    Row(
+        "propose-map-zero-experts",
+        _cli("propose-map", "--num-experts", "0", "data.root={tmp}", "data.synthetic.root={tmp}"),
+        2,
+        ("--num-experts must be >= 1, got 0",),
+    ),
+    Row(
         "experiments-spec-missing",
         _cli("experiments", "-c", "{tmp}/nope.yaml"),
         2,
@@ -678,11 +695,12 @@ TABLE = CONFIG_ROWS + COCO_ROWS + ORIGINAL_ROWS + CHECKPOINT_ROWS + CLI_ROWS
 
 
 # ------------------------------------------------------------------------------------ tests
-def test_table_size_and_cli_coverage() -> None:
+def test_table_size_and_cli_coverage(tmp_path: Path) -> None:
     assert len(TABLE) >= 40
     assert len({r.id for r in TABLE}) == len(TABLE)
-    covered = {r.make(Ctx(Path("/nonexistent"), Path("."), Path(".")))[0] for r in CLI_ROWS}
-    assert covered == set(_COMMANDS) | set(_DELEGATED), "every damex command has a bad-input row"
+    covered = {r.make(Ctx(tmp_path, tmp_path, tmp_path))[0] for r in CLI_ROWS}
+    missing = (set(_COMMANDS) | set(_DELEGATED)) - covered
+    assert not missing, f"damex commands without a bad-input row: {sorted(missing)}"
 
 
 @pytest.fixture(scope="module")
@@ -707,6 +725,8 @@ def test_bad_input(
     before = snapshot(tmp_path)
     run_before = snapshot(run)
     if isinstance(action, list):
+        if action[0] not in _COMMANDS and action[0] not in _DELEGATED:
+            pytest.skip(f"no '{action[0]}' command in this build")
         capsys.readouterr()
         code = main(action)
         err = capsys.readouterr().err

@@ -28,7 +28,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "config.yaml")
+RUN_FILES = ("last.pth", "last.prev.pth", "best.pth", "metrics.jsonl", "config.yaml")
 # what an exact resume reads from a checkpoint
 RESUME_KEYS = (
     "model", "optimizer", "scheduler", "sampler", "rng", "trainer", "label_space", "config",
@@ -52,7 +52,8 @@ def resolve_resume(cfg: Config, resume: str | bool | None) -> Path | None:
     else:
         path = Path(str(resume))
     if not path.is_file():
-        raise CheckpointError(f"cannot resume: checkpoint {path} does not exist")
+        if not ckpt.previous_path(path).is_file():  # else load_resume_checkpoint falls back
+            raise CheckpointError(f"cannot resume: checkpoint {path} does not exist")
     return path
 
 
@@ -63,10 +64,14 @@ def load_resume_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]
         path: from :func:`resolve_resume`.
         config: the new run's config as a plain dict (``config_to_dict``).
 
+    A missing, truncated or damaged ``path`` (or one without a resume key) falls back to the
+    previous good checkpoint beside it (``last.prev.pth``), with a warning naming both.
+
     Raises:
-        CheckpointError: unreadable, corrupt, or missing one of :data:`RESUME_KEYS`.
+        CheckpointError: unreadable, corrupt, or missing one of :data:`RESUME_KEYS`, and no
+            usable previous checkpoint either.
     """
-    state = ckpt.load_checkpoint(path, required_keys=RESUME_KEYS)
+    state, path = ckpt.load_checkpoint_with_fallback(path, required_keys=RESUME_KEYS)
     changed = diff_config(state["config"], config)
     if changed:
         logger.warning("resuming %s with a changed config: %s", path, "; ".join(changed))

@@ -480,7 +480,7 @@ class Trainer:
         state = self.training_checkpoint()
         if self.is_main:
             t0 = time.perf_counter()
-            ckpt.save_checkpoint(ckpt.last_path(self.out_dir), state)
+            ckpt.save_checkpoint(ckpt.last_path(self.out_dir), state, keep_previous=True)
             if epoch_file:
                 ckpt.save_checkpoint(ckpt.epoch_path(self.out_dir, self.state.epoch), state)
             logger.info(
