@@ -108,7 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.15,
         help="draw detections scoring at least this (default 0.15: sigmoid focal-loss scores of "
-        "a briefly trained model are low)",
+        "a briefly trained model are low); with --explain the floor of the per-image threshold",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="explained predictions: per image a JSON (box, score, label in its dataset's own "
+        "class name, that dataset, and per MoE layer the chosen expert, its gate probability "
+        "and the datasets mapped to it) and an overlay showing label, score and expert of the "
+        "top boxes (per-image threshold, duplicates removed, labels placed apart, small "
+        "images enlarged to >= 512 px)",
+    )
+    p.add_argument(
+        "--top", type=int, default=20, help="with --explain: at most this many boxes drawn"
     )
 
     p = sub.add_parser("config", help="print the resolved config (after _base_ and overrides)")
@@ -133,6 +145,113 @@ def build_parser() -> argparse.ArgumentParser:
         ("experiments", "run a multi-seed experiment spec (variants x seeds), resumable; tables"),
     ):
         sub.add_parser(name, help=text, add_help=False)  # arguments: see _DELEGATED
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (normalized image -> boxes, scores, labels, experts)",
+        description=(
+            "Export the inference graph of a trained detector to ONNX: input 'images' float32 "
+            "[B, 3, H, W], RGB normalized with the model's pixel mean/std (no padding); outputs "
+            "'boxes' [B, K, 4] xyxy in input pixels, 'scores' [B, K], 'labels' [B, K] (unified "
+            "label indices; the checkpoint's label space names them), 'query' [B, K] (the query "
+            "of each detection) and 'experts' [B, Q, L] (top-1 expert of every query in each of "
+            "the L MoE layers). MoE layers are exported with static shapes (every expert on "
+            "every token, masked by the routing: same outputs). Opset >= 16 (grid_sample). "
+            "After writing, the ONNX file is run with onnxruntime on --check-images (default: a "
+            "random input) and compared with PyTorch."
+        ),
+    )
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="a .pth written by train / extend")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument(
+        "--image-size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        default=None,
+        help="input size of the graph (default: data.test_scale x min(data.max_size, "
+        "test_scale)); resize images to it before running the model",
+    )
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width axes")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 16; default 18)")
+    p.add_argument(
+        "--check-images",
+        default=None,
+        help="an image or folder: compare onnxruntime with PyTorch on these (resized to "
+        "--image-size) and print the largest box/score differences and expert mismatches",
+    )
+
+    p = sub.add_parser(
+        "extend",
+        help="add a dataset to a trained model (one more expert, router row, label block)",
+        description=(
+            "Grow a trained DAMEX model by the new dataset(s) of CONFIG: every MoE layer gets "
+            "one more expert (initialised from the expert the new data is routed to most, or "
+            "from the mean of the experts), the router one more row, the label space the new "
+            "datasets' blocks after the old slots (old ids unchanged). CONFIG is the old run's "
+            "config with moe.num_experts one larger, the new dataset in data.train (what is "
+            "trained on), every dataset in data.test (what is evaluated) and in "
+            "moe.expert_map. By default only the new parameters train (the new expert, the "
+            "router's new row, the new label rows); everything else stays bit-identical, and "
+            "an old dataset's image that never picks the new expert is detected exactly as "
+            "before. Writes a normal run folder (config.yaml, last.pth/best.pth, eval)."
+        ),
+    )
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="the trained model (RUN/best.pth)")
+    p.add_argument(
+        "--init",
+        choices=["routed", "mean"],
+        default="routed",
+        help="new expert (and router row) = copy of the expert the new data is routed to most "
+        "by the old model (per layer, top-1 of the matching queries on up to 32 training "
+        "images), or the mean of the old experts (default: routed)",
+    )
+    p.add_argument(
+        "--train",
+        choices=["new", "decoder", "all"],
+        default="new",
+        dest="train_mode",
+        help="what trains: only the new parameters (default), also the decoder and its heads, "
+        "or the whole model (plain fine-tuning)",
+    )
+    p.add_argument(
+        "--replay",
+        type=float,
+        default=0.0,
+        metavar="PERCENT",
+        help="also train on this percent of every old dataset's training images "
+        "(data.limited, proportional sampling; default 0: new data only)",
+    )
+
+    p = sub.add_parser(
+        "propose-map",
+        help="propose a dataset -> expert map (moe.expert_map) by clustering the datasets",
+        description=(
+            "Summarise every training dataset by the mean of per-image descriptors and group "
+            "the datasets into --num-experts clusters (Ward + k-means, damex.moe."
+            "propose_mapping). Without --checkpoint the descriptor is an appearance signature "
+            "that needs no model (joint RGB histogram + gray-level and gradient statistics of "
+            "a 64x64 thumbnail); with --checkpoint it is the trained backbone's mean-pooled "
+            "last feature map. Prints the per-dataset statistics, the distances between "
+            "datasets and the clusters, and writes the map as YAML for the config. Datasets "
+            "share an expert only when there are more datasets than experts: the closest ones "
+            "(same look: palette, texture, rendering) are merged first."
+        ),
+    )
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default=None, help="use this model's backbone features")
+    p.add_argument(
+        "--num-experts",
+        type=int,
+        default=None,
+        help="number of experts (default: moe.num_experts of the config)",
+    )
+    p.add_argument(
+        "--images", type=int, default=32, help="training images per dataset (default 32)"
+    )
+    p.add_argument("--out", default=None, help="write the YAML here (default: print only)")
 
     p = sub.add_parser("benchmark", help="speed benchmarks: moe | model")
     p.add_argument("what", choices=["moe", "model"])
@@ -231,8 +350,77 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _check_checkpoint(args.checkpoint)
     from damex.engine.report import run_demo
 
+    if args.explain:
+        from damex.engine.report import run_explained_demo
+
+        written = run_explained_demo(
+            cfg,
+            args.checkpoint,
+            args.input,
+            args.out,
+            min_score=args.score_threshold,
+            top_n=args.top,
+        )
+        print(f"wrote {len(written)} explained image(s) (.png + .json) to {args.out}")
+        return 0
     written = run_demo(cfg, args.checkpoint, args.input, args.out, args.score_threshold)
     print(f"wrote {len(written)} annotated image(s) to {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _check_checkpoint(args.checkpoint)
+    from damex.export import export_checkpoint
+
+    report = export_checkpoint(
+        cfg,
+        args.checkpoint,
+        args.out,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        dynamic=args.dynamic,
+        opset=args.opset,
+        check_images=args.check_images,
+    )
+    print(report.summary())
+    return 0
+
+
+def _cmd_extend(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _check_dataset_names(cfg)
+    _check_checkpoint(args.checkpoint)
+    from damex.engine.extend import ExtendOptions, extend
+
+    options = ExtendOptions(init=args.init, train=args.train_mode, replay=args.replay)
+    result = extend(cfg, args.checkpoint, options)
+    if result.is_main_process and result.final_results is not None:
+        print(f"\nAP per dataset after extending ({result.iterations} iterations):")
+        print(result.final_results.to_markdown())
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _cmd_propose_map(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _check_dataset_names(cfg)
+    if args.checkpoint:
+        _check_checkpoint(args.checkpoint)
+    from damex.engine.propose import propose_expert_map
+
+    proposal = propose_expert_map(
+        cfg,
+        checkpoint=args.checkpoint,
+        num_experts=args.num_experts,
+        images_per_dataset=args.images,
+    )
+    print(proposal.report())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(proposal.to_yaml(), encoding="utf-8")
+        print(f"\nwrote {args.out}")
+    else:
+        print("\n" + proposal.to_yaml(), end="")
     return 0
 
 
@@ -325,6 +513,9 @@ _COMMANDS = {
     "config": _cmd_config,
     "make-synthetic": _cmd_make_synthetic,
     "benchmark": _cmd_benchmark,
+    "export": _cmd_export,
+    "extend": _cmd_extend,
+    "propose-map": _cmd_propose_map,
 }
 
 

@@ -20,9 +20,10 @@ earlier choices — went to the same expert), and every expert applied to every 
 the routing. ``E`` times the expert FLOPs, identical results (``tests/engine/test_export.py``
 checks boxes/scores to 1e-4 and identical expert choices with onnxruntime).
 
-Deformable attention is ``grid_sample`` (bilinear, zeros padding, ``align_corners=False``), an
-ONNX operator since opset 16; the default opset is 18 (the torch exporter's own; converting
-down to 17 fails in onnxscript's version converter).
+Deformable attention is exported in its ``grid_sample`` form (the CPU default is a sparse
+matrix product that gives the same values but cannot be traced): ``grid_sample`` (bilinear,
+zeros padding, ``align_corners=False``) is an ONNX operator since opset 16; the default opset is
+18 (the torch exporter's own; converting down to 17 fails in onnxscript's version converter).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from damex.errors import ConfigError, DamexError
+from damex.errors import DamexError
+from damex.modeling.deform_attn import MSDeformAttn
 from damex.moe.layer import MoEFFN
 from damex.moe.types import RoutingInfo
 
@@ -163,6 +165,8 @@ class ExportableDetector(nn.Module):
         num_queries = int(model.num_queries)
         self.num_moe_layers = 0
         for module in list(model.modules()):
+            if isinstance(module, MSDeformAttn):
+                module.impl = "grid_sample"  # the sparse CPU kernel does not trace; same values
             for child_name, child in list(module.named_children()):
                 if isinstance(child, MoEFFN):
                     setattr(module, child_name, StaticMoE(child, num_queries))
@@ -220,6 +224,7 @@ class ExportReport:
         num_select: detections per image.
         num_moe_layers: ``L`` (width of the ``experts`` output).
         seconds: export time.
+        parity: :func:`onnx_parity` of the export check, or None.
     """
 
     path: Path
@@ -229,6 +234,24 @@ class ExportReport:
     num_select: int
     num_moe_layers: int
     seconds: float
+    parity: dict[str, Any] | None = None
+
+    def summary(self) -> str:
+        h, w = self.image_size
+        lines = [
+            f"wrote {self.path} (opset {self.opset}, input [B, 3, {h}, {w}]"
+            f"{' dynamic' if self.dynamic else ''}, {self.num_select} detections per image, "
+            f"{self.num_moe_layers} MoE layer(s), {self.seconds:.1f} s)"
+        ]
+        if self.parity is not None:
+            p = self.parity
+            lines.append(
+                f"onnxruntime vs PyTorch on {p['images']} image(s): max |box diff| "
+                f"{p['max_box_diff']:.2e} px, max |score diff| {p['max_score_diff']:.2e}, "
+                f"expert mismatches {p['expert_mismatches']}, unmatched detections "
+                f"{p['unmatched_detections']}"
+            )
+        return "\n".join(lines)
 
 
 def _require_onnx() -> None:
@@ -399,6 +422,23 @@ def onnx_parity(
     }
 
 
+def normalized_images(
+    files: Sequence[str | os.PathLike[str]], image_size: tuple[int, int], model: nn.Module
+) -> list[Tensor]:
+    """Image files resized to ``image_size`` (bilinear) and normalized as the exported graph
+    expects: ``(pixels - model.pixel_mean) / model.pixel_std``, ``[3, H, W]`` each."""
+    from PIL import Image
+
+    h, w = image_size
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            rgb = np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
+        x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float()
+        out.append((x - model.pixel_mean.cpu()) / model.pixel_std.cpu())
+    return out
+
+
 def export_checkpoint(
     cfg: Any,
     checkpoint: str | os.PathLike[str],
@@ -407,22 +447,20 @@ def export_checkpoint(
     image_size: tuple[int, int] | None = None,
     dynamic: bool = False,
     opset: int = 18,
-) -> tuple[ExportReport, Any]:
-    """``damex export``: load a checkpoint through :class:`damex.Predictor` and export it.
+    check_images: str | os.PathLike[str] | None = None,
+) -> ExportReport:
+    """``damex export``: load a checkpoint (via :class:`damex.Predictor`), export, check.
 
-    Returns:
-        The report and the predictor (its model is the exported one).
+    The check runs the file with onnxruntime on ``check_images`` (an image or a folder;
+    default one random input) and compares with PyTorch eager (:func:`onnx_parity`).
     """
+    from damex.engine.report import IMAGE_SUFFIXES
     from damex.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(checkpoint, config=cfg)
     if image_size is None:
         side = int(cfg.data.test_scale) or max(cfg.data.scales)
         image_size = (side, min(int(cfg.data.max_size), side))
-    if cfg.model.two_stage is False:
-        logger.info("exporting a one-stage model (no encoder query selection)")
-    if not isinstance(predictor.postprocess.num_select, int):
-        raise ConfigError("eval.num_select must be an int")
     report = export_onnx(
         predictor.model,
         out,
@@ -431,4 +469,107 @@ def export_checkpoint(
         dynamic=dynamic,
         opset=opset,
     )
-    return report, predictor
+    if check_images is not None:
+        src = Path(check_images)
+        if src.is_dir():
+            files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif src.is_file():
+            files = [src]
+        else:
+            raise ExportError(f"--check-images {src} does not exist")
+        if not files:
+            raise ExportError(f"--check-images {src}: no image ({', '.join(IMAGE_SUFFIXES)})")
+        images = normalized_images(files, report.image_size, predictor.model)
+    else:
+        images = [torch.randn(3, *report.image_size)]
+    report.parity = onnx_parity(report.path, predictor.model, images, report.num_select)
+    return report
+
+
+def _median_ms(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(times))
+
+
+def benchmark_latency(
+    model: nn.Module,
+    onnx_path: str | os.PathLike[str],
+    image_size: tuple[int, int],
+    *,
+    num_select: int,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Median latency (ms, batch 1) of PyTorch eager (``DINO.forward`` + top-K, no grad) and of
+    the ONNX file in onnxruntime (CPU provider), measured interleaved in one process."""
+    import onnxruntime as ort
+
+    h, w = image_size
+    x = torch.randn(1, 3, h, w)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feed = {"images": x.numpy()}
+    eager = lambda: reference_outputs(model, x, num_select)  # noqa: E731
+    ort_run = lambda: sess.run(None, feed)  # noqa: E731
+    for _ in range(warmup):
+        eager()
+        ort_run()
+    eager_ms, ort_ms = [], []
+    for _ in range(repeats):  # interleaved: both see the same machine load
+        eager_ms.append(_median_ms(eager, 1))
+        ort_ms.append(_median_ms(ort_run, 1))
+    return {
+        "pytorch_ms": float(np.median(eager_ms)),
+        "onnxruntime_ms": float(np.median(ort_ms)),
+        "threads": float(torch.get_num_threads()),
+    }
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    """``tools/benchmark.py onnx``: latency of the exported model beside PyTorch eager."""
+    import argparse
+    import tempfile
+
+    from damex.config import load_config
+
+    p = argparse.ArgumentParser(
+        prog="benchmark.py onnx",
+        description="Export a model to ONNX and time it (onnxruntime, CPU) beside PyTorch eager, "
+        "batch 1, interleaved; prints a Markdown row. Without --checkpoint the config's model "
+        "is randomly initialised (latency does not depend on the weights).",
+    )
+    p.add_argument("-c", "--config", default=None)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--image-size", nargs=2, type=int, default=None, metavar=("H", "W"))
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args(list(argv))
+    cfg = load_config(args.config)
+    if args.checkpoint:
+        from damex.predictor import Predictor
+
+        predictor = Predictor.from_checkpoint(args.checkpoint, config=cfg)
+        model, num_select = predictor.model, predictor.postprocess.num_select
+    else:
+        from damex.modeling import build_model
+
+        torch.manual_seed(0)
+        model, num_select = build_model(cfg.model, cfg.moe, 20).eval(), cfg.eval.num_select
+    side = int(cfg.data.test_scale) or max(cfg.data.scales)
+    size = tuple(args.image_size) if args.image_size else (side, min(int(cfg.data.max_size), side))
+    with tempfile.TemporaryDirectory() as tmp:
+        report = export_onnx(model, Path(tmp) / "m.onnx", image_size=size, num_select=num_select)
+        lat = benchmark_latency(
+            model, report.path, size, num_select=report.num_select, repeats=args.repeats
+        )
+    h, w = size
+    print("| model | image | threads | PyTorch eager ms | onnxruntime ms | speed-up |")
+    print("|---|---|---|---|---|---|")
+    name = Path(args.config).stem if args.config else "damex_small"
+    print(
+        f"| {name} | {h}x{w} | {int(lat['threads'])} | {lat['pytorch_ms']:.1f} | "
+        f"{lat['onnxruntime_ms']:.1f} | {lat['pytorch_ms'] / lat['onnxruntime_ms']:.2f}x |"
+    )
+    return 0

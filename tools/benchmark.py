@@ -6,7 +6,8 @@ expert-parallel experts on 2 gloo processes (``damex.moe.parallel_bench``);
 ``profile -c CONFIG [--image-size S]``: where the time of a training step goes; ``deform``:
 deformable attention, reference vs fast;
 ``infer``: inference images/s (eager vs ``torch.compile``); ``iters``: training iterations/s of
-several configs, interleaved.
+several configs, interleaved; ``onnx [-c CONFIG] [--checkpoint CKPT]``: the exported ONNX
+model's latency (onnxruntime) beside PyTorch eager.
 """
 
 import sys
@@ -19,6 +20,7 @@ _OWN = {
     "deform": "damex.modeling.bench",
     "infer": "damex.engine.inference_bench",
     "iters": "damex.engine.step_profile",
+    "onnx": "damex.export",
 }
 
 
@@ -31,9 +33,12 @@ def _main(argv: list[str]) -> int:
         import importlib
 
         module = importlib.import_module(_OWN[argv[0]])
-        entry = {"deform": "deform_main", "infer": "main", "iters": "iters_main"}.get(
-            argv[0], "main"
-        )
+        entry = {
+            "deform": "deform_main",
+            "infer": "main",
+            "iters": "iters_main",
+            "onnx": "bench_main",
+        }.get(argv[0], "main")
         return int(getattr(module, entry)(argv[1:]) or 0)
     from damex.cli import main
 

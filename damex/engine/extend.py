@@ -48,7 +48,7 @@ from damex.config import Config, config_from_dict, config_to_dict
 from damex.data.label_space import LabelSpace, build_label_space
 from damex.engine import checkpoint as ckpt
 from damex.engine.hooks import HookBase
-from damex.engine.run_data import RunData, build_expert_map, build_model_parts
+from damex.engine.run_data import RunData, build_expert_map, build_model_parts, build_run_data
 from damex.engine.trainer import Trainer, TrainResult
 from damex.errors import CheckpointError, ConfigError
 
@@ -284,20 +284,10 @@ class ExtendTrainer(Trainer):
         self.options = options
         self.plan: ExtendPlan | None = None
 
-    # run data: the old label space + the new blocks, not one built from the config's order
-    def setup(self) -> None:
-        import damex.engine.trainer as trainer_module
-
-        original = trainer_module.build_run_data
-        trainer_module.build_run_data = self._run_data  # type: ignore[assignment]
-        try:
-            super().setup()
-        finally:
-            trainer_module.build_run_data = original  # type: ignore[assignment]
-
-    def _run_data(self, cfg: Config, *, label_space_state: Any = None) -> RunData:
-        from damex.engine.run_data import build_run_data
-
+    def build_run_data(self, label_space_state: dict[str, Any] | None) -> RunData:
+        """The old label space with the new datasets' blocks appended (not one built from the
+        config's dataset order, which would move the old slots)."""
+        cfg = self.cfg
         plain = build_run_data(cfg, label_space_state=None)  # catalog, synthetic data
         old = LabelSpace.from_state_dict(self.base["label_space"])
         new_names = [n for n in plain.label_space.dataset_names if n not in old.dataset_names]
@@ -469,4 +459,18 @@ def extend(
     cfg = _extended_config(cfg, base["config"], options)
     trainer = ExtendTrainer(cfg, base, path, options)
     trainer.setup()
-    return trainer.fit()
+    result = trainer.fit()
+    if result.is_main_process and result.final_routing is not None:
+        from damex.evaluation.routing import routing_markdown, routing_summary
+        from damex.predictor import moe_layer_names
+
+        summary = routing_summary(
+            result.final_routing,
+            dataset_names=trainer.data.label_space.dataset_names,
+            expert_map={n: e for n, e in trainer.data.expert_map.items() if e >= 0},
+            layer_names=moe_layer_names(cfg),
+        )
+        text = routing_markdown(summary)
+        (trainer.out_dir / "routing.md").write_text(text, encoding="utf-8")
+        logger.info("routing of the test images after extending:\n%s", text)
+    return result

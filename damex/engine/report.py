@@ -5,7 +5,9 @@
 * :func:`visualize_routing`: dataset x expert routing statistics over the test sets, heatmaps,
   per-image overlays (detections coloured by the expert of their query) and one
   self-contained HTML report (``damex.viz``).
-* :func:`run_demo`: detections drawn on arbitrary images.
+* :func:`run_demo`: detections drawn on arbitrary images; :func:`run_explained_demo`
+  (``demo --explain``): every detection explained (native label, dataset, expert and gate per
+  MoE layer) in a JSON per image, and a readable overlay.
 """
 
 from __future__ import annotations
@@ -17,15 +19,34 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from damex.config import Config
+from damex.data.loader import build_test_loaders, collate
+from damex.data.transforms import build_transforms
 from damex.engine import distributed as dist_utils
 from damex.engine.inference import run_inference
 from damex.engine.loading import evaluate, load_for_inference
 from damex.errors import ConfigError
+from damex.evaluation.routing import routing_markdown, routing_summary
+from damex.modeling.criterion import build_criterion
 from damex.structures import Detections, Sample
+from damex.viz import (
+    draw_detections,
+    draw_expert_overlay,
+    query_experts,
+    save_png,
+    save_routing_figures,
+    write_routing_report,
+)
 
-__all__ = ["evaluate_checkpoint", "visualize_routing", "run_demo", "IMAGE_SUFFIXES"]
+__all__ = [
+    "evaluate_checkpoint",
+    "visualize_routing",
+    "run_demo",
+    "run_explained_demo",
+    "IMAGE_SUFFIXES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,17 +124,6 @@ def visualize_routing(
     Raises:
         ConfigError: the model has no MoE layer.
     """
-    from damex.data.loader import build_test_loaders
-    from damex.evaluation.routing import routing_markdown, routing_summary
-    from damex.modeling.criterion import build_criterion
-    from damex.viz import (
-        draw_expert_overlay,
-        query_experts,
-        save_png,
-        save_routing_figures,
-        write_routing_report,
-    )
-
     if not cfg.uses_moe:
         raise ConfigError("visualize-routing: model.decoder_ffn has no 'moe' layer")
     out = Path(out_dir)
@@ -228,12 +238,6 @@ def run_demo(
     Returns:
         The written files, in input order.
     """
-    from PIL import Image
-
-    from damex.data.loader import collate
-    from damex.data.transforms import build_transforms
-    from damex.viz import draw_detections, save_png
-
     files = _image_files(Path(input_path))
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     device = dist_utils.resolve_device(cfg.train.device, local_rank)
@@ -264,4 +268,99 @@ def run_demo(
             int((det.scores >= score_threshold).sum()),
             score_threshold,
         )
+    return written
+
+
+def run_explained_demo(
+    cfg: Config,
+    checkpoint: str | os.PathLike[str],
+    input_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    min_score: float = 0.15,
+    top_n: int = 20,
+    relative: float = 0.3,
+    min_side: int = 512,
+) -> list[Path]:
+    """``damex demo --explain``: per image ``<stem>.json`` (every detection explained) and
+    ``<stem>.png`` (the readable subset drawn with label, score and expert).
+
+    The JSON lists every detection of the model (``eval.num_select``), best first, as
+    :meth:`damex.predictor.NativeDetections.records` (box, score, native label, its dataset,
+    per MoE layer the expert, its gate and the datasets mapped to it) with ``shown`` marking the
+    boxes drawn. The overlay draws at most ``top_n`` boxes: one per query, scoring at least
+    ``max(min_score, relative * best score of the image)``, after class-agnostic NMS; each box
+    is coloured by the expert of its query in the last MoE layer and labelled
+    ``<class> <score> E<expert per layer>``; a legend names the datasets of every expert; images
+    whose shorter side is below ``min_side`` pixels are enlarged first.
+
+    Returns:
+        The written PNG files, in input order (each with its JSON beside it).
+    """
+    import json
+
+    from PIL import Image
+
+    from damex.predictor import Predictor
+    from damex.viz import legend_strip, palette
+    from damex.viz.boxes import draw_boxes, select_for_display, upscale_for_display
+
+    files = _image_files(Path(input_path))
+    device = dist_utils.resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    predictor = Predictor.from_checkpoint(checkpoint, config=cfg, device=device)
+    num_experts = int(cfg.moe.num_experts) if predictor.layer_names else 0
+    colors = palette(max(num_experts, 1))
+    label_colors = palette(max(predictor.label_space.num_classes, 1))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        det = predictor(f)
+        shown = select_for_display(det, top_n=top_n, min_score=min_score, relative=relative)
+        records = det.records()
+        for r in records:
+            r["shown"] = False
+        for i in shown.tolist():
+            records[i]["shown"] = True
+        doc = {
+            "image": str(f),
+            "size": list(det.image_size),
+            "checkpoint": str(checkpoint),
+            "moe_layers": list(det.layer_names),
+            "expert_map": dict(predictor.expert_map),
+            "display": {"top_n": top_n, "min_score": min_score, "relative": relative},
+            "detections": records,
+        }
+        (out / f"{f.stem}.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        sub = det.select(shown)
+        with Image.open(f) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        canvas, boxes = upscale_for_display(rgb, sub.boxes, min_side=min_side)
+        font = max(12, round(min(canvas.shape[:2]) / 36))
+        texts, box_colors = [], []
+        for i in range(len(sub)):
+            experts = "/".join(f"E{int(e)}" for e in sub.experts[i].tolist())
+            texts.append(f"{sub.names[i]} {float(sub.scores[i]):.2f} {experts}".strip())
+            if num_experts:
+                box_colors.append(colors[int(sub.experts[i, -1]) % len(colors)])
+            else:
+                box_colors.append(label_colors[int(sub.labels[i])])
+        img = draw_boxes(canvas, boxes, colors=box_colors, texts=texts, width=3, font_size=font)
+        if num_experts:
+            entries = [
+                (f"E{e}: {', '.join(predictor.expert_datasets.get(e, [])) or '-'}", colors[e])
+                for e in range(num_experts)
+            ]
+            layers = "/".join(predictor.layer_names)
+            caption = [(f"E<a>/<b>: top-1 expert in {layers}; colour: the last", (255, 255, 255))]
+            img = np.concatenate(
+                (
+                    img,
+                    legend_strip(img.shape[1], entries, font),
+                    legend_strip(img.shape[1], caption, font),
+                ),
+                0,
+            )
+        written.append(save_png(img, out / f"{f.stem}.png"))
+        logger.info("%s: %d detections, %d drawn", f, len(det), len(sub))
     return written
