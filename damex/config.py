@@ -289,6 +289,7 @@ class TrainConfig:
     lr_linear_proj_mult: float = 1.0  # 0.1 in DINO's config but the 'default' groups ignore it
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
+    grad_checkpoint: bool = False  # recompute encoder layers in backward: less memory, more time
     schedule: Schedule = "step"
     lr_drop: int = 11  # step: decay every lr_drop epochs (official; spec Q8)
     milestones: list[int] = field(default_factory=lambda: [33])

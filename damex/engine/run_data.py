@@ -144,6 +144,7 @@ def _ensure_synthetic(cfg: Config) -> None:
 def build_model_parts(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module, Any]:
     """The detector, its criterion and its postprocess for ``num_classes`` unified labels."""
     model = build_model(cfg.model, cfg.moe, num_classes)
+    model.transformer.encoder.grad_checkpoint = cfg.train.grad_checkpoint
     criterion = build_criterion(cfg, num_classes)
     postprocess = build_postprocess(cfg)
     return model, criterion, postprocess

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from damex.modeling.deform_attn import MSDeformAttn
 from damex.modeling.denoising import DenoisingQueries, build_self_attn_mask
@@ -263,11 +264,18 @@ class EncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-    """A stack of ``EncoderLayer`` (may be empty)."""
+    """A stack of ``EncoderLayer`` (may be empty).
 
-    def __init__(self, *, layers: Sequence[EncoderLayer]) -> None:
+    Args:
+        layers: the encoder layers.
+        grad_checkpoint: in training, keep only each layer's input and recompute the layer in
+            the backward (``torch.utils.checkpoint``): activation memory for one extra forward.
+    """
+
+    def __init__(self, *, layers: Sequence[EncoderLayer], grad_checkpoint: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.grad_checkpoint = grad_checkpoint
 
     def forward(
         self,
@@ -278,8 +286,15 @@ class DeformableEncoder(nn.Module):
         padding_mask: Tensor | None,
     ) -> Tensor:
         """``[B, S, D]`` -> ``[B, S, D]``."""
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, padding_mask)
+            if recompute:
+                src = checkpoint(
+                    layer, src, pos, reference_points, spatial_shapes, padding_mask,
+                    use_reentrant=False,
+                )  # fmt: skip
+            else:
+                src = layer(src, pos, reference_points, spatial_shapes, padding_mask)
         return src
 
 

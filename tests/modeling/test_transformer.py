@@ -265,3 +265,31 @@ def test_encoder_proposals_are_finite_at_padded_locations():
     assert (
         valid[0].all() and valid[1].view(4, 6)[:, :3].all() and not valid[1].view(4, 6)[:, 3:].any()
     )
+
+
+def test_encoder_grad_checkpoint_gives_the_same_output_and_gradients():
+    from damex.modeling.transformer import DeformableEncoder, EncoderLayer, encoder_reference_points
+
+    torch.manual_seed(0)
+    shapes = [(6, 5), (3, 3)]
+    layers = [
+        EncoderLayer(d_model=16, n_heads=2, n_levels=2, n_points=2, dim_feedforward=32)
+        for _ in range(2)
+    ]
+    encoder = DeformableEncoder(layers=layers).train()
+    src = torch.randn(2, 39, 16)
+    pos = torch.randn(2, 39, 16)
+    ref = encoder_reference_points(shapes, torch.ones(2, 2, 2))
+    results = []
+    for flag in (False, True):
+        encoder.grad_checkpoint = flag
+        encoder.zero_grad()
+        x = src.clone().requires_grad_(True)
+        out = encoder(x, pos, ref, shapes, None)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad, [p.grad.clone() for p in encoder.parameters()]))
+    (o0, gx0, gp0), (o1, gx1, gp1) = results
+    torch.testing.assert_close(o1, o0)
+    torch.testing.assert_close(gx1, gx0)
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b)
