@@ -201,9 +201,7 @@ class _Runner:
         from damex.data.loader import build_train_loader
         from damex.engine.distributed import init_distributed
         from damex.engine.optim import build_optimizer
-        from damex.engine.run_data import build_run_data
-        from damex.modeling import build_model
-        from damex.modeling.criterion import build_criterion
+        from damex.engine.run_data import build_model_parts, build_run_data
 
         cfg = load_config(config, list(overrides))
         self.cfg = cfg
@@ -214,8 +212,9 @@ class _Runner:
             cfg, data.catalog, data.label_space, data.expert_of_dataset
         )
         num_classes = data.label_space.num_classes
-        self.model = build_model(cfg.model, cfg.moe, num_classes).to(self.device)
-        self.criterion = build_criterion(cfg, num_classes).to(self.device)
+        model, criterion, _ = build_model_parts(cfg, num_classes)  # as the trainer builds them
+        self.model = model.to(self.device)
+        self.criterion = criterion.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.max_norm = cfg.train.clip_max_norm if cfg.train.clip_max_norm > 0 else math.inf
