@@ -295,6 +295,7 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=lambda: [33])
     gamma: float = 0.1
     warmup_iters: int = 0
+    min_lr_ratio: float = 0.0  # cosine / time_cosine: the lr floor, a fraction of the base lr
     amp: AmpMode = "none"
     ema: bool = False
     ema_decay: float = 0.9997
@@ -676,6 +677,8 @@ def _validate(cfg: Config, source: str, origin: Mapping[str, str]) -> None:
         )
     if not 0.0 < cfg.train.ema_decay < 1.0:
         fail("train.ema_decay", f"must be in (0, 1), got {cfg.train.ema_decay}")
+    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        fail("train.min_lr_ratio", f"must be in [0, 1], got {cfg.train.min_lr_ratio}")
     if not cfg.data.scales or min(cfg.data.scales) <= 0:
         fail("data.scales", f"must be a non-empty list of positive sizes, got {cfg.data.scales}")
     if len(cfg.model.decoder_ffn) != cfg.model.dec_layers:

@@ -46,7 +46,7 @@ from damex.engine import distributed as dist_utils
 from damex.engine.ema import ModelEMA
 from damex.engine.inference import run_inference
 from damex.engine.logging import Progress, RunLogger
-from damex.engine.optim import LRScheduler
+from damex.engine.optim import LRScheduler, step_scheduler
 
 if TYPE_CHECKING:
     from damex.engine.trainer import Trainer
@@ -163,7 +163,7 @@ class LRScheduleAndBudget(HookBase):
 
     def after_step(self) -> None:
         st = self.trainer.state
-        self.scheduler.step(elapsed_s=st.elapsed_s)
+        step_scheduler(self.scheduler, st.elapsed_s)
         if self.max_iters > 0 and st.iteration >= self.max_iters:
             self.trainer.request_stop("max_iters")
         if self.time_budget_s > 0 and st.elapsed_s >= self.time_budget_s:
@@ -173,7 +173,8 @@ class LRScheduleAndBudget(HookBase):
 class MetricsLogger(HookBase):
     """The logging window: averages the losses of the finite micro-batches and writes a
     ``train`` record every ``log_every`` steps and at every epoch end (``metrics.jsonl`` and
-    TensorBoard through ``run_log``); drives the progress bar (rank 0).
+    TensorBoard through ``run_log``); drives the progress (rank 0): a bar on a terminal, else a
+    log line every ``log_every`` steps with iteration, loss, lr, it/s and ETA.
 
     The window sums live in ``trainer.state`` so that a resumed run logs the same records.
 
@@ -197,7 +198,10 @@ class MetricsLogger(HookBase):
 
     def before_train(self) -> None:
         self.progress = Progress(
-            total=self.total_iters, initial=self.trainer.state.iteration, enabled=self.enabled
+            total=self.total_iters,
+            initial=self.trainer.state.iteration,
+            enabled=self.enabled,
+            log_every=self.log_every,
         )
         self.window_t0 = time.perf_counter()
 

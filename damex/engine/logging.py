@@ -1,4 +1,5 @@
-"""Run logging: a JSON-lines metrics file, TensorBoard scalars and a tqdm progress bar.
+"""Run logging: a JSON-lines metrics file, TensorBoard scalars and progress (a tqdm bar on a
+terminal, periodic log lines without one).
 
 Only the main process writes (house rule 13): construct :class:`RunLogger` / :class:`Progress`
 with ``enabled=False`` on the other ranks and every call is a no-op.
@@ -17,8 +18,9 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
@@ -145,32 +147,63 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps (rank 0 only) showing ETA, loss, lr and it/s.
+    """Progress over optimizer steps (rank 0 only): a tqdm bar on a terminal, log lines otherwise.
+
+    On a terminal the bar shows ETA, loss, lr and it/s. When stderr is not a terminal (output
+    redirected to a file, a batch job) the bar is off and, every ``log_every`` steps, one
+    ``logging`` line reports the same fields::
+
+        iter 40/200 (20.0%)  loss 12.3456  lr 1.00e-04  2.50 it/s  eta 0:01:04
+
+    ``it/s`` is measured over the steps since the previous line, and the ETA is the planned
+    steps left at that rate.
 
     Args:
         total: planned number of steps.
         initial: steps already done (resume).
         enabled: False on non-main ranks.
         desc: bar label.
+        log_every: steps between log lines without a terminal (0: no lines).
+        file: the bar's stream (default: ``sys.stderr`` at construction).
     """
 
     def __init__(
-        self, *, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"
+        self,
+        *,
+        total: int,
+        initial: int = 0,
+        enabled: bool = True,
+        desc: str = "train",
+        log_every: int = 0,
+        file: IO[str] | None = None,
     ) -> None:
         self._bar: Any = None
-        if enabled:
-            self._bar = tqdm(
-                total=total,
-                initial=initial,
-                desc=desc,
-                dynamic_ncols=True,
-                file=sys.stderr,
-                disable=None,  # off when stderr is not a terminal (log lines still report)
-                mininterval=1.0,
-            )
+        self._total = total
+        self._n = initial
+        self._log_every = 0
+        self._line_n = initial
+        self._line_t = time.perf_counter()
+        if not enabled:
+            return
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            dynamic_ncols=True,
+            file=file if file is not None else sys.stderr,
+            disable=None,  # off when the stream is not a terminal: log lines instead
+            mininterval=1.0,
+        )
+        if self._bar.disable:
+            self._log_every = max(int(log_every), 0)
 
     def update(self, n: int = 1, *, loss: float | None = None, lr: float | None = None) -> None:
         if self._bar is None:
+            return
+        self._n += n
+        if self._log_every:
+            if self._n // self._log_every > (self._n - n) // self._log_every:
+                self._log_line(loss, lr)
             return
         post: dict[str, str] = {}
         if loss is not None:
@@ -181,10 +214,34 @@ class Progress:
             self._bar.set_postfix(post, refresh=False)
         self._bar.update(n)
 
+    def _log_line(self, loss: float | None, lr: float | None) -> None:
+        now = time.perf_counter()
+        rate = (self._n - self._line_n) / max(now - self._line_t, 1e-9)
+        self._line_n, self._line_t = self._n, now
+        left = max(self._total - self._n, 0)
+        eta = _format_seconds(left / rate) if rate > 0 else "?"
+        pct = 100.0 * self._n / self._total if self._total > 0 else 0.0
+        logger.info(
+            "iter %d/%d (%.1f%%)  loss %.4f  lr %.2e  %.2f it/s  eta %s",
+            self._n,
+            self._total,
+            pct,
+            math.nan if loss is None else loss,
+            math.nan if lr is None else lr,
+            rate,
+            eta,
+        )
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _format_seconds(seconds: float) -> str:
+    """``H:MM:SS`` (hours may exceed 24)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def format_eval_table(

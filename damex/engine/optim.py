@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, get_args
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
-from damex.config import Schedule, TrainConfig, choices
+from damex.config import Schedule, TrainConfig
 
 __all__ = [
     "SCHEDULES",
@@ -45,12 +46,16 @@ __all__ = [
     "build_param_groups",
     "build_optimizer",
     "LRScheduler",
+    "LRFactor",
     "build_scheduler",
+    "step_scheduler",
+    "load_scheduler_state",
+    "scheduler_factor",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = choices(Schedule)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)  # declared once, in the config schema
 LINEAR_PROJ_KEYWORDS = ("sampling_offsets", "reference_points")
 
 
@@ -170,29 +175,20 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+LRScheduler = LambdaLR  # what build_scheduler returns (a LambdaLR over an LRFactor)
+
+
 @dataclass
-class _ScheduleSpec:
-    schedule: str
-    iters_per_epoch: int
-    total_iters: int
-    lr_drop: int
-    milestones: tuple[int, ...]
-    gamma: float
-    warmup_iters: int
-    time_budget_s: float
-    min_lr_ratio: float
+class LRFactor:
+    """The lr multiplier of a schedule at an optimizer step, called by ``LambdaLR``.
 
+    ``factor(i, elapsed_s)`` is a pure function of the step ``i`` (0-based) and the elapsed
+    training seconds; ``LambdaLR`` calls the object with ``i`` alone and the ``elapsed_s``
+    attribute supplies the time (:func:`step_scheduler` sets it before each step). Every field
+    is a plain value: ``LambdaLR.state_dict`` stores them, and checkpoints load with
+    ``weights_only=True``.
 
-class LRScheduler:
-    """Per-optimizer-step learning-rate scheduler with a closed-form factor.
-
-    The lr of group g at step ``i`` is ``initial_lr[g] * factor(i, elapsed_s)``. Call
-    :meth:`step` after every optimizer step; it advances the counter and writes the lr of the
-    next step into the optimizer. The constructor writes the lr of step 0.
-
-    Args:
-        optimizer: groups must carry ``initial_lr`` (set by :func:`build_param_groups`; else the
-            current ``lr`` is taken).
+    Attributes:
         schedule: one of ``step``, ``multistep``, ``cosine``, ``time_cosine``.
         iters_per_epoch: optimizer steps per epoch (step / multistep).
         total_iters: total optimizer steps (cosine).
@@ -201,133 +197,136 @@ class LRScheduler:
         gamma: decay factor (step / multistep).
         warmup_iters: length of the linear warmup ramp, 0 for none.
         time_budget_s: wall-clock budget in seconds (time_cosine).
-        min_lr_ratio: floor of the cosine factor.
+        min_lr_ratio: floor of the cosine factors (a fraction of the base lr).
+        elapsed_s: training seconds at the last :func:`step_scheduler` (time_cosine).
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        schedule: str,
-        iters_per_epoch: int = 1,
-        total_iters: int = 0,
-        lr_drop: int = 0,
-        milestones: Iterable[int] = (),
-        gamma: float = 0.1,
-        warmup_iters: int = 0,
-        time_budget_s: float = 0.0,
-        min_lr_ratio: float = 0.0,
-    ) -> None:
-        if schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if iters_per_epoch < 1:
-            raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
-        if schedule == "step" and lr_drop < 1:
-            raise ValueError(f"train.lr_drop must be >= 1 for the step schedule, got {lr_drop}")
-        if schedule == "cosine" and total_iters < 1:
-            raise ValueError(f"cosine schedule needs total_iters >= 1, got {total_iters}")
-        if schedule == "time_cosine" and time_budget_s <= 0:
+    schedule: str
+    iters_per_epoch: int = 1
+    total_iters: int = 0
+    lr_drop: int = 0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_iters: int = 0
+    time_budget_s: float = 0.0
+    min_lr_ratio: float = 0.0
+    elapsed_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.iters_per_epoch < 1:
+            raise ValueError(f"iters_per_epoch must be >= 1, got {self.iters_per_epoch}")
+        if self.schedule == "step" and self.lr_drop < 1:
+            raise ValueError(
+                f"train.lr_drop must be >= 1 for the step schedule, got {self.lr_drop}"
+            )
+        if self.schedule == "cosine" and self.total_iters < 1:
+            raise ValueError(f"cosine schedule needs total_iters >= 1, got {self.total_iters}")
+        if self.schedule == "time_cosine" and self.time_budget_s <= 0:
             raise ValueError(
                 "time_cosine schedule needs train.time_budget_min > 0, "
-                f"got {time_budget_s / 60.0} min"
+                f"got {self.time_budget_s / 60.0} min"
             )
-        if warmup_iters < 0:
-            raise ValueError(f"train.warmup_iters must be >= 0, got {warmup_iters}")
-        self.optimizer = optimizer
-        self.spec = _ScheduleSpec(
-            schedule=schedule,
-            iters_per_epoch=int(iters_per_epoch),
-            total_iters=int(total_iters),
-            lr_drop=int(lr_drop),
-            milestones=tuple(sorted(int(m) for m in milestones)),
-            gamma=float(gamma),
-            warmup_iters=int(warmup_iters),
-            time_budget_s=float(time_budget_s),
-            min_lr_ratio=float(min_lr_ratio),
-        )
-        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-        self.iteration = 0
-        self.elapsed_s = 0.0
-        self._apply()
+        if self.warmup_iters < 0:
+            raise ValueError(f"train.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self.milestones = sorted(int(m) for m in self.milestones)
 
     def factor(self, iteration: int, elapsed_s: float = 0.0) -> float:
         """The lr multiplier at optimizer step ``iteration`` (0-based) and ``elapsed_s``."""
-        s = self.spec
-        if s.warmup_iters > 0:
-            warm = min(1.0, (iteration + 1) / s.warmup_iters)
+        warm = 1.0
+        if self.warmup_iters > 0:
+            warm = min(1.0, (iteration + 1) / self.warmup_iters)
+        epoch = iteration // self.iters_per_epoch
+        if self.schedule == "step":
+            return warm * self.gamma ** (epoch // self.lr_drop)
+        if self.schedule == "multistep":
+            return warm * self.gamma ** sum(1 for m in self.milestones if m <= epoch)
+        if self.schedule == "cosine":
+            progress = iteration / self.total_iters
         else:
-            warm = 1.0
-        epoch = iteration // s.iters_per_epoch
-        if s.schedule == "step":
-            decay = s.gamma ** (epoch // s.lr_drop)
-        elif s.schedule == "multistep":
-            decay = s.gamma ** sum(1 for m in s.milestones if m <= epoch)
-        else:
-            if s.schedule == "cosine":
-                progress = iteration / s.total_iters
-            else:
-                progress = elapsed_s / s.time_budget_s
-            progress = min(max(progress, 0.0), 1.0)
-            cos = 0.5 * (1.0 + math.cos(math.pi * progress))
-            decay = s.min_lr_ratio + (1.0 - s.min_lr_ratio) * cos
-        return warm * decay
+            progress = elapsed_s / self.time_budget_s
+        progress = min(max(progress, 0.0), 1.0)
+        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warm * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cos)
 
-    def _apply(self) -> None:
-        f = self.factor(self.iteration, self.elapsed_s)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            g["lr"] = base * f
+    def __call__(self, iteration: int) -> float:
+        return self.factor(iteration, self.elapsed_s)
 
-    def step(self, elapsed_s: float | None = None) -> None:
-        """Advance one optimizer step and set the lr of the next one.
 
-        Args:
-            elapsed_s: training seconds so far (required to move ``time_cosine``).
-        """
-        self.iteration += 1
-        if elapsed_s is not None:
-            self.elapsed_s = float(elapsed_s)
-        self._apply()
+def scheduler_factor(scheduler: LambdaLR) -> LRFactor:
+    """The :class:`LRFactor` of a scheduler from :func:`build_scheduler`."""
+    fn = scheduler.lr_lambdas[0]
+    if not isinstance(fn, LRFactor):
+        raise TypeError(f"expected a LambdaLR over an LRFactor, got {type(fn).__name__}")
+    return fn
 
-    def set_elapsed(self, elapsed_s: float) -> None:
-        """Update the elapsed time without stepping (time_cosine lr follows the clock)."""
-        self.elapsed_s = float(elapsed_s)
-        self._apply()
 
-    def get_last_lr(self) -> list[float]:
-        """Current lr of every group."""
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
+def step_scheduler(scheduler: LambdaLR, elapsed_s: float | None = None) -> None:
+    """Advance one optimizer step and set the lr of the next one.
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "iteration": self.iteration,
-            "elapsed_s": self.elapsed_s,
-            "base_lrs": list(self.base_lrs),
-            "schedule": self.spec.schedule,
-        }
+    Args:
+        scheduler: from :func:`build_scheduler`.
+        elapsed_s: training seconds so far (moves ``time_cosine``; None keeps the last value).
+    """
+    if elapsed_s is not None:
+        scheduler_factor(scheduler).elapsed_s = float(elapsed_s)
+    with warnings.catch_warnings():
+        # a skipped first step (non-finite loss, fp16 overflow) is expected here, not misuse
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        scheduler.step()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("schedule", self.spec.schedule) != self.spec.schedule:
-            logger.warning(
-                "scheduler: checkpoint used schedule %r, continuing with %r",
-                state["schedule"],
-                self.spec.schedule,
-            )
-        base = [float(x) for x in state.get("base_lrs", self.base_lrs)]
-        if len(base) != len(self.base_lrs):
-            raise ValueError(
-                f"scheduler state has {len(base)} param groups, optimizer has {len(self.base_lrs)}"
-            )
-        if any(abs(b - c) > 1e-12 * max(abs(c), 1e-30) for b, c in zip(base, self.base_lrs)):
-            logger.warning(
-                "scheduler: resuming with the checkpoint's learning rates %s; the config's %s "
-                "are ignored (exact resume)",
-                base,
-                self.base_lrs,
-            )
-        self.base_lrs = base
-        self.iteration = int(state["iteration"])
-        self.elapsed_s = float(state.get("elapsed_s", 0.0))
-        self._apply()
+
+def load_scheduler_state(scheduler: LambdaLR, state: dict[str, Any]) -> None:
+    """Continue a checkpoint's schedule: its step count, base lrs and elapsed time.
+
+    The schedule's shape (kind, lengths, warmup) stays the one ``scheduler`` was built with
+    from the current config; the base lrs are the checkpoint's (an exact resume; a warning
+    says when the config's differ). Also reads the state of the scheduler class of damex 0.1
+    (``iteration`` / ``elapsed_s`` / ``base_lrs`` / ``schedule``).
+
+    Raises:
+        ValueError: an unknown state layout, or another number of parameter groups.
+    """
+    factor = scheduler_factor(scheduler)
+    if "last_epoch" in state:
+        saved = (state.get("lr_lambdas") or [None])[0] or {}
+        schedule, elapsed = saved.get("schedule"), float(saved.get("elapsed_s", 0.0))
+        step = int(state["last_epoch"])
+    elif "iteration" in state:  # damex 0.1
+        schedule, elapsed = state.get("schedule"), float(state.get("elapsed_s", 0.0))
+        step = int(state["iteration"])
+    else:
+        raise ValueError(
+            f"scheduler state with keys {sorted(state)}: expected a LambdaLR state "
+            "('last_epoch', 'base_lrs', 'lr_lambdas')"
+        )
+    if schedule is not None and schedule != factor.schedule:
+        logger.warning(
+            "scheduler: checkpoint used schedule %r, continuing with %r", schedule, factor.schedule
+        )
+    base = [float(x) for x in state.get("base_lrs", scheduler.base_lrs)]
+    if len(base) != len(scheduler.base_lrs):
+        raise ValueError(
+            f"scheduler state has {len(base)} param groups, optimizer has {len(scheduler.base_lrs)}"
+        )
+    if any(abs(b - c) > 1e-12 * max(abs(c), 1e-30) for b, c in zip(base, scheduler.base_lrs)):
+        logger.warning(
+            "scheduler: resuming with the checkpoint's learning rates %s; the config's %s "
+            "are ignored (exact resume)",
+            base,
+            scheduler.base_lrs,
+        )
+    factor.elapsed_s = elapsed
+    # the lr of the next step (on a resume the optimizer's own state holds the same value)
+    lrs = [b * factor(step) for b in base]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler.load_state_dict(
+        {"base_lrs": base, "last_epoch": step, "_last_lr": lrs, "lr_lambdas": [None] * len(base)}
+    )
 
 
 def build_scheduler(
@@ -336,24 +335,28 @@ def build_scheduler(
     *,
     iters_per_epoch: int,
     total_iters: int,
-) -> LRScheduler:
-    """The :class:`LRScheduler` described by ``cfg``.
+) -> LambdaLR:
+    """``LambdaLR`` over the :class:`LRFactor` described by ``cfg``.
+
+    Step it with :func:`step_scheduler` (passes the elapsed time to ``time_cosine``); restore
+    it with :func:`load_scheduler_state`.
 
     Args:
-        optimizer: from :func:`build_optimizer`.
+        optimizer: from :func:`build_optimizer` (groups carry ``initial_lr``).
         cfg: the ``train`` section.
         iters_per_epoch: optimizer steps per epoch (loader length // ``grad_accum``).
         total_iters: planned optimizer steps (``epochs * iters_per_epoch``, capped by
             ``max_iters``).
     """
-    return LRScheduler(
-        optimizer,
+    factor = LRFactor(
         schedule=cfg.schedule,
         iters_per_epoch=iters_per_epoch,
         total_iters=total_iters,
         lr_drop=cfg.lr_drop,
-        milestones=cfg.milestones,
+        milestones=list(cfg.milestones),
         gamma=cfg.gamma,
         warmup_iters=cfg.warmup_iters,
         time_budget_s=cfg.time_budget_min * 60.0,
+        min_lr_ratio=cfg.min_lr_ratio,
     )
+    return LambdaLR(optimizer, lr_lambda=factor)

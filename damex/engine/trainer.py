@@ -38,9 +38,13 @@ Where to add behaviour (seams):
   :meth:`Trainer.clip_gradients`;
 * which checkpoint a resume reads (e.g. falling back to the previous good one):
   ``resolve_resume`` / ``load_resume_checkpoint`` in :mod:`damex.engine.run_dir`;
-* the dataset -> expert map (e.g. ``moe.expert_map: auto``, computed once at the start of a
-  new run and saved in every checkpoint's ``expert_map``):
-  :func:`damex.engine.run_data.build_run_data`, called by :meth:`Trainer.setup`.
+* the run data, e.g. the dataset -> expert map (``moe.expert_map: auto``, computed once at the
+  start of a new run and saved in every checkpoint's ``expert_map``) or a label space extended
+  by new datasets: :meth:`Trainer.build_run_data` (over
+  :func:`damex.engine.run_data.build_run_data`);
+* what a checkpoint holds and how a resume reads it back (e.g. gathering expert-parallel
+  shards on rank 0): :meth:`Trainer.training_checkpoint` and :meth:`Trainer.best_checkpoint`,
+  :meth:`Trainer.restore`.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ from damex.engine.hooks import (
     StopOnSignal,
 )
 from damex.engine.logging import RunLogger
-from damex.engine.optim import build_optimizer, build_scheduler
+from damex.engine.optim import build_optimizer, build_scheduler, load_scheduler_state
 from damex.engine.run_data import RunData, amp_dtype, build_model_parts, build_run_data
 from damex.engine.run_dir import load_resume_checkpoint, prepare_output_dir, resolve_resume
 from damex.errors import CheckpointError, ConfigError, DamexError
@@ -255,15 +259,13 @@ class Trainer:
         if self.is_main:
             save_config(cfg, self.out_dir / "config.yaml")
         _seed_everything(tcfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-        self.data = build_run_data(
-            cfg, label_space_state=resume_state["label_space"] if resume_state else None
-        )
+        self.data = self.build_run_data(resume_state["label_space"] if resume_state else None)
         self._build_loaders()
         self.model, self.criterion, self.postprocess = self.build_model()
         self._build_optimization()
         self.ddp = self.wrap_model(self.model)
         if resume_state is not None:
-            self._restore(resume_state)
+            self.restore(resume_state)
         self.run_log = RunLogger(
             self.out_dir,
             enabled=self.is_main,
@@ -273,6 +275,14 @@ class Trainer:
         if resume_state is None:
             _seed_everything(tcfg.seed + self.info.rank)  # official: seed + rank
         self.register_hooks(self.build_hooks())
+
+    def build_run_data(self, label_space_state: dict[str, Any] | None) -> RunData:
+        """Datasets, label space (the checkpoint's on a resume) and dataset -> expert table.
+
+        The seam for run data computed at the start of training (e.g. ``moe.expert_map:
+        auto``, or a model extended by new datasets).
+        """
+        return build_run_data(self.cfg, label_space_state=label_space_state)
 
     def _build_loaders(self) -> None:
         cfg, data, info = self.cfg, self.data, self.info
@@ -388,13 +398,16 @@ class Trainer:
         self.hooks.extend(hooks)
 
     # -------------------------------------------------------------------------- resume
-    def _restore(self, st: dict[str, Any]) -> None:
+    def restore(self, st: dict[str, Any]) -> None:
         """Load model, optimizer, scheduler, scaler, EMA, counters, sampler and RNG states."""
         path = self.resume_path
         # checkpoints hold the single-process layout; an expert-parallel rank keeps its experts
         expert_parallel.load_model_state(self.model, st["model"], path=path)
         expert_parallel.load_optimizer_state(self.model, self.optimizer, st["optimizer"], path=path)
-        self.scheduler.load_state_dict(st["scheduler"])
+        try:
+            load_scheduler_state(self.scheduler, st["scheduler"])
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {path}: scheduler state: {e}") from e
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         if self.ema is not None:

@@ -1,10 +1,20 @@
-"""RunLogger (JSON lines, resume truncation, TensorBoard), read_jsonl, eval table."""
+"""RunLogger (JSON lines, resume truncation, TensorBoard), read_jsonl, eval table, progress
+lines without a terminal."""
 
 from __future__ import annotations
 
+import io
+import logging
+import math
+import re
+import sys
 from pathlib import Path
 
-from damex.engine.logging import RunLogger, format_eval_table, read_jsonl
+import pytest
+from engine_fixtures import tiny_config
+
+from damex.engine.logging import Progress, RunLogger, format_eval_table, read_jsonl
+from damex.engine.trainer import train
 
 
 def test_jsonl_records_and_resume_truncation(tmp_path: Path) -> None:
@@ -56,3 +66,62 @@ def test_format_eval_table() -> None:
     assert lines[0].split() == ["dataset", "AP", "AP50"]
     assert lines[2].split() == ["a", "50.00", "75.00"] and lines[3].split() == ["bb", "25.00", "-"]
     assert lines[-1].split() == ["mean", "37.50", "75.00"]
+
+
+_LINE = re.compile(
+    r"iter (?P<iter>\d+)/(?P<total>\d+) \((?P<pct>[\d.]+)%\)  loss (?P<loss>\S+)  "
+    r"lr (?P<lr>\S+)  (?P<it_s>[\d.]+) it/s  eta (?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)$"
+)
+
+
+def _progress_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, float]]:
+    out = []
+    for rec in caplog.records:
+        m = _LINE.match(rec.getMessage())
+        if m:
+            d = {k: float(v) for k, v in m.groupdict().items()}
+            d["eta_s"] = 3600 * d.pop("h") + 60 * d.pop("m") + d.pop("s")
+            out.append(d)
+    return out
+
+
+def test_progress_without_a_terminal_logs_lines(caplog: pytest.LogCaptureFixture) -> None:
+    stream = io.StringIO()  # not a terminal: no bar
+    with caplog.at_level(logging.INFO, logger="damex.engine.logging"):
+        bar = Progress(total=10, initial=2, log_every=3, file=stream)
+        for i in range(8):
+            bar.update(1, loss=1.0 / (i + 1), lr=1e-4)
+        bar.close()
+        Progress(total=10, log_every=1, file=io.StringIO(), enabled=False).update(1, loss=1.0)
+    lines = _progress_lines(caplog)
+    assert [d["iter"] for d in lines] == [3, 6, 9]  # every log_every-th step, resumed at 2
+    assert [d["loss"] for d in lines] == pytest.approx([1.0, 0.25, 1 / 7], abs=1e-4)
+    assert all(d["total"] == 10 and d["lr"] == 1e-4 and d["it_s"] > 0 for d in lines)
+    assert [d["pct"] for d in lines] == [30.0, 60.0, 90.0]
+    assert stream.getvalue() == ""
+
+
+def test_training_without_a_terminal_logs_progress(
+    synthetic_root: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # as with `damex train ... 2> log`
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="damex"):
+        result = train(tiny_config(synthetic_root, out, epochs=2, log_every=2))
+    assert result.iterations == 4
+    lines = _progress_lines(caplog)
+    assert [d["iter"] for d in lines] == [2, 4] and {d["total"] for d in lines} == {4}
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["iter"] for r in records] == [2, 4]
+    for d, r in zip(lines, records, strict=True):
+        assert d["loss"] == pytest.approx(r["loss"], abs=1e-4)  # the same window mean
+        assert d["lr"] == pytest.approx(r["lr"], rel=1e-2)
+        assert d["it_s"] > 0 and math.isfinite(d["it_s"])
+    # the ETA is the steps left at the measured rate
+    first = lines[0]
+    assert first["eta_s"] == pytest.approx(2 / first["it_s"], abs=1.0, rel=0.02)
+    assert lines[-1]["eta_s"] == 0
+    assert "it/s]" not in sys.stderr.getvalue()  # no tqdm bar

@@ -7,9 +7,18 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from damex.config import TrainConfig
-from damex.engine.optim import LRScheduler, build_optimizer, build_param_groups, build_scheduler
+from damex.engine.checkpoint import load_checkpoint, save_checkpoint
+from damex.engine.optim import (
+    LRFactor,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+    load_scheduler_state,
+    step_scheduler,
+)
 
 
 class _Attn(nn.Module):
@@ -94,17 +103,21 @@ def _opt(lr: float = 1.0) -> torch.optim.Optimizer:
     )
 
 
-def _lrs(sched: LRScheduler, n: int, elapsed=None) -> list[float]:
+def _sched(opt: torch.optim.Optimizer, **factor) -> LambdaLR:
+    return LambdaLR(opt, lr_lambda=LRFactor(**factor))
+
+
+def _lrs(sched: LambdaLR, n: int, elapsed=None) -> list[float]:
     out = []
     for i in range(n):
         out.append(sched.get_last_lr()[0])
-        sched.step(None if elapsed is None else elapsed(i + 1))
+        step_scheduler(sched, None if elapsed is None else elapsed(i + 1))
     return out
 
 
 def test_step_schedule_reproduces_official_q8_drops() -> None:
-    # lr_drop=11 with 36 epochs: x0.1 at epochs 11, 22 and 33 (spec Q8)
-    s = LRScheduler(_opt(), schedule="step", iters_per_epoch=2, lr_drop=11, gamma=0.1)
+    # lr_drop=11 with 36 epochs: x0.1 at epochs 11, 22 and 33 (the official schedule)
+    s = _sched(_opt(), schedule="step", iters_per_epoch=2, lr_drop=11, gamma=0.1)
     lrs = _lrs(s, 72)
     for i, lr in enumerate(lrs):
         epoch = i // 2
@@ -114,11 +127,11 @@ def test_step_schedule_reproduces_official_q8_drops() -> None:
 
 
 def test_multistep_and_warmup() -> None:
-    s = LRScheduler(
+    s = _sched(
         _opt(),
         schedule="multistep",
         iters_per_epoch=3,
-        milestones=[2, 4],
+        milestones=[4, 2],
         gamma=0.5,
         warmup_iters=4,
     )
@@ -132,42 +145,71 @@ def test_multistep_and_warmup() -> None:
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
-def test_cosine_closed_form() -> None:
-    s = LRScheduler(_opt(2.0), schedule="cosine", total_iters=10)
+def test_cosine_closed_form_and_floor() -> None:
+    s = _sched(_opt(2.0), schedule="cosine", total_iters=10)
     lrs = _lrs(s, 12)
     for i in range(12):
         assert lrs[i] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * min(i / 10, 1.0))))
     assert lrs[5] == pytest.approx(1.0) and lrs[10] == pytest.approx(0.0, abs=1e-12)
+    floored = _lrs(_sched(_opt(2.0), schedule="cosine", total_iters=10, min_lr_ratio=0.1), 12)
+    for i in range(12):
+        cos = 0.5 * (1 + math.cos(math.pi * min(i / 10, 1.0)))
+        assert floored[i] == pytest.approx(2.0 * (0.1 + 0.9 * cos))
+    assert floored[10] == pytest.approx(0.2) and min(floored) == pytest.approx(0.2)
 
 
 def test_time_cosine_follows_elapsed_seconds() -> None:
-    s = LRScheduler(_opt(), schedule="time_cosine", time_budget_s=100.0, warmup_iters=2)
+    s = _sched(_opt(), schedule="time_cosine", time_budget_s=100.0, warmup_iters=2)
     assert s.get_last_lr()[0] == pytest.approx(0.5)  # warmup step 0, elapsed 0
-    s.step(elapsed_s=25.0)
+    step_scheduler(s, elapsed_s=25.0)
     assert s.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
-    s.set_elapsed(50.0)  # time moves without a step
-    assert s.get_last_lr()[0] == pytest.approx(0.5)
-    s.step(elapsed_s=150.0)
+    step_scheduler(s)  # no new time: the factor keeps the last elapsed seconds
+    assert s.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert s.lr_lambdas[0].factor(1, 50.0) == pytest.approx(0.5)  # a pure function of time
+    step_scheduler(s, elapsed_s=150.0)
     assert s.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_scheduler_state_dict_resumes_exactly() -> None:
+def test_scheduler_state_dict_resumes_exactly(tmp_path) -> None:
     cfg = TrainConfig(schedule="cosine", warmup_iters=3, lr=1.0)
     o1 = _opt()
     s1 = build_scheduler(o1, cfg, iters_per_epoch=4, total_iters=20)
+    assert isinstance(s1, LambdaLR)
     _lrs(s1, 7)
-    state = s1.state_dict()
+    # through a weights_only checkpoint, as the trainer stores it
+    save_checkpoint(tmp_path / "s.pth", {"scheduler": s1.state_dict()})
+    state = load_checkpoint(tmp_path / "s.pth")["scheduler"]
     o2 = _opt()
     s2 = build_scheduler(o2, cfg, iters_per_epoch=4, total_iters=20)
-    s2.load_state_dict(state)
+    load_scheduler_state(s2, state)
     assert s2.get_last_lr() == s1.get_last_lr()
+    assert [g["lr"] for g in o2.param_groups] == [g["lr"] for g in o1.param_groups]
     assert _lrs(s2, 10) == _lrs(s1, 10)
+
+
+def test_scheduler_reads_the_old_checkpoint_format() -> None:
+    cfg = TrainConfig(schedule="time_cosine", time_budget_min=1.0, warmup_iters=2, lr=1.0)
+    ref = build_scheduler(_opt(), cfg, iters_per_epoch=4, total_iters=20)
+    _lrs(ref, 5, elapsed=lambda i: 6.0 * i)
+    old = {"iteration": 5, "elapsed_s": 30.0, "base_lrs": [1.0, 0.1], "schedule": "time_cosine"}
+    s = build_scheduler(_opt(), cfg, iters_per_epoch=4, total_iters=20)
+    load_scheduler_state(s, old)
+    assert s.last_epoch == 5 and s.get_last_lr() == ref.get_last_lr()
+    assert _lrs(s, 3, elapsed=lambda i: 30.0 + 6.0 * i) == _lrs(
+        ref, 3, elapsed=lambda i: 30.0 + 6.0 * i
+    )
+    with pytest.raises(ValueError, match=r"scheduler state with keys \['lr'\]"):
+        load_scheduler_state(s, {"lr": 1.0})
+    with pytest.raises(ValueError, match="3 param groups, optimizer has 2"):
+        load_scheduler_state(s, {**old, "base_lrs": [1.0, 1.0, 1.0]})
 
 
 def test_scheduler_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="time_budget_min"):
-        LRScheduler(_opt(), schedule="time_cosine", time_budget_s=0.0)
+        LRFactor(schedule="time_cosine", time_budget_s=0.0)
     with pytest.raises(ValueError, match="train.schedule"):
-        LRScheduler(_opt(), schedule="poly")
+        LRFactor(schedule="poly")
     with pytest.raises(ValueError, match="lr_drop"):
-        LRScheduler(_opt(), schedule="step", lr_drop=0)
+        LRFactor(schedule="step", lr_drop=0)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        LRFactor(schedule="cosine", total_iters=5, min_lr_ratio=1.5)

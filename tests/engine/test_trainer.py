@@ -161,7 +161,7 @@ def test_time_budget_and_time_cosine(synthetic_root: Path, tmp_path: Path) -> No
     for prev, rec in zip(records, records[1:]):
         progress = min(prev["time"] / budget_s, 1.0)
         assert rec["lr"] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * progress)))
-    assert load_checkpoint(out / "last.pth")["scheduler"]["elapsed_s"] >= budget_s
+    assert load_checkpoint(out / "last.pth")["scheduler"]["lr_lambdas"][0]["elapsed_s"] >= budget_s
 
 
 def test_resume_from_a_corrupt_checkpoint_names_the_file(
