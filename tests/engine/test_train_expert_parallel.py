@@ -4,7 +4,7 @@ The same tiny DAMEX run (EMA on, final evaluation on uneven 2-rank shards) train
 experts spread over the 2 ranks and with replicated experts gives the same losses, checkpoints
 (``last.pth`` with model / optimizer / EMA, ``best.pth``) and routing statistics; the
 expert-parallel checkpoint evaluates on one process to the AP of the distributed evaluation and
-resumes on one process like the replicated run's checkpoint.
+resumes on one process like the replicated run's checkpoint; the Python predictor loads it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from damex.engine.checkpoint import load_checkpoint
 from damex.engine.loading import evaluate
 from damex.engine.logging import read_jsonl
 from damex.engine.trainer import train
+from damex.predictor import Predictor
 
 _SCRIPT = """
 import json, sys
@@ -33,6 +34,7 @@ import torch
 from damex.config import config_from_dict
 from damex.engine import distributed as D
 from damex.engine.trainer import train
+from damex.predictor import Predictor
 
 torch.set_num_threads(1)
 info = D.init_distributed("cpu")
@@ -133,6 +135,12 @@ def test_expert_parallel_trainer_equals_replicated(synthetic_root: Path, tmp_pat
     dist_ap = json.loads((runs["ep"] / "eval" / "results.json").read_text())
     single = json.loads(evaluate(cfg_ep, runs["ep"] / "last.pth").to_json())
     _close(single, dist_ap, "evaluation")  # every dataset's AP, AP50, ..., AR100
+
+    # ... and loads into the Python predictor on one process (strict, EMA weights)
+    predictor = Predictor.from_run(runs["ep"], checkpoint="last.pth")
+    _close(predictor.model.state_dict(), ep["ema"]["module"], "predictor weights")
+    image = next(synthetic_root.rglob("test_*.jpg"))
+    assert int(predictor.routing_counts([image]).sum()) == cfgs["ep"]["model"]["num_queries"]
 
     # W=2 -> W=1: both checkpoints continue with the same losses through the trainer
     cont = {}
