@@ -152,7 +152,7 @@ def visualize_routing(
         )
     if stats is None:
         raise ConfigError(f"visualize-routing: the model of {checkpoint} returned no routing")
-    emap = {n: e for n, e in data.expert_map.items() if e >= 0}
+    emap = data.expert_map.to_dict()  # the datasets that have an expert
     summary = routing_summary(
         stats,
         dataset_names=ls.dataset_names,
