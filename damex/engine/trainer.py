@@ -80,9 +80,11 @@ from damex.engine.hooks import (
     StopOnSignal,
 )
 from damex.engine.logging import RunLogger
+from damex.engine.moe_schedule import MoELossSchedule
 from damex.engine.optim import build_optimizer, build_scheduler, load_scheduler_state
 from damex.engine.run_data import RunData, amp_dtype, build_model_parts, build_run_data
 from damex.engine.run_dir import load_resume_checkpoint, prepare_output_dir, resolve_resume
+from damex.engine.upcycle import upcycle_from_checkpoint
 from damex.errors import CheckpointError, ConfigError, DamexError
 from damex.structures import Batch
 
@@ -311,9 +313,8 @@ class Trainer:
         model, criterion, postprocess = build_model_parts(
             self.cfg, self.data.label_space.num_classes
         )
-        if self.cfg.moe.upcycle_from and self.cfg.uses_moe:  # sparse upcycling (new runs)
-            from damex.engine.upcycle import upcycle_from_checkpoint
-
+        upcycle = self.cfg.moe.upcycle_from and self.cfg.uses_moe
+        if upcycle and self.resume_path is None:  # sparse upcycling (a resume has its weights)
             upcycle_from_checkpoint(
                 model,
                 self.cfg.moe.upcycle_from,
@@ -381,8 +382,6 @@ class Trainer:
             PeriodicCheckpoint(checkpoint_every=tcfg.checkpoint_every),
         ]
         if self.cfg.uses_moe and self.cfg.moe.loss_schedule != "constant":
-            from damex.engine.moe_schedule import MoELossSchedule
-
             hooks.insert(
                 1,
                 MoELossSchedule(
