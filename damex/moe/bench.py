@@ -60,8 +60,9 @@ def run_moe_benchmark(
         warmup: untimed rounds first.
         seed: RNG seed for weights and inputs.
         device: where to run.
-        threaded: also time every MoE configuration with the opt-in CPU expert threading
-            (``cpu_threads=True``, see :mod:`damex.moe.experts`), interleaved with the rest.
+        threaded: time every MoE configuration both with the CPU expert threading forced on
+            and off (``cpu_threads=True`` / ``False``, see :mod:`damex.moe.experts`),
+            interleaved; otherwise the layer's automatic choice.
 
     Returns:
         One dict per (T, E, cf[, threaded]): ``tokens, experts, capacity_factor (None for
@@ -78,14 +79,14 @@ def run_moe_benchmark(
         token_image = None
         if tokens_per_image:
             token_image = (torch.arange(num_tokens) // tokens_per_image).to(device)
-        configs: list[tuple[int, float | None, bool, nn.Module]] = [
-            (0, None, False, _dense_ffn(d_model, hidden).to(device))
+        configs: list[tuple[int, float | None, bool | None, nn.Module]] = [
+            (0, None, None, _dense_ffn(d_model, hidden).to(device))
         ]
         for num_experts in experts:
             if num_experts <= 0:
                 continue
             for cf in capacity_factors:
-                for thr in (False, True) if threaded else (False,):
+                for thr in (False, True) if threaded else (None,):
                     torch.manual_seed(seed + num_experts)  # same weights with and without
                     layer = MoEFFN(
                         d_model=d_model,
@@ -158,8 +159,8 @@ def format_moe_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for r in rows:
         name = "dense" if r["experts"] == 0 else str(r["experts"])
-        if r.get("threaded"):
-            name += " (threaded)"
+        if r.get("threaded") is not None and r["experts"]:
+            name += " (threaded)" if r["threaded"] else " (unthreaded)"
         cf = "-" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
         k = "-" if r["experts"] == 0 else str(r["top_k"])
         lines.append(
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--threaded", action="store_true", help="also time the opt-in CPU expert threading"
+        "--threaded", action="store_true", help="time the CPU expert threading on and off"
     )
     args = parser.parse_args(argv)
     rows = run_moe_benchmark(

@@ -10,16 +10,18 @@ contiguous slices, with a hand-written backward: no per-token bias gathers, no z
 (:class:`ExpertFFN`), so its parameters and gradients are separate ``[h, d]`` tensors (a stacked
 ``[E, h, d]`` gradient of >= 32 MiB is a fresh, page-faulting ``mmap`` on every CPU backward).
 
-Only public PyTorch ops run by default (``nn.functional`` activations; their derivatives from
-the activations' own autograd on a recomputed forward), and nothing outside the call changes.
+Only public PyTorch ops run (``nn.functional`` activations; their derivatives from the
+activations' own autograd on a recomputed forward).
 
-Opt-in CPU threading (``threaded=True``; off by default): the rows are split into one
-contiguous range per intra-op thread and each thread runs whole GEMMs single-threaded on a
-small worker pool. MKL reaches only ~50% of peak on the small per-expert weight-gradient GEMMs
-when it splits one GEMM over 2 threads, but ~100% of a core when each core owns whole GEMMs.
-This needs ``torch.set_num_threads(1)`` during the call, which is **process-wide** (other
-threads of the process run single-threaded meanwhile), so it is not the default;
-``python -m damex.moe.bench --threaded`` measures what it buys next to the default path.
+CPU threading (automatic, ``threaded=None``; ``False`` turns it off): when the per-expert GEMMs
+are small, the rows are split into one contiguous range per intra-op thread and each thread
+runs whole GEMMs single-threaded on a small worker pool. MKL reaches only ~50% of peak on the
+small per-expert weight-gradient GEMMs when it splits one GEMM over 2 threads, but ~100% of a
+core when each core owns whole GEMMs, and on a busy machine one OpenMP barrier per small op
+stalls whenever another process holds a core. The price: ``torch.set_num_threads(1)`` during
+the call is **process-wide** (other Python threads of the process run single-threaded
+meanwhile; the count is restored before the call returns). ``python -m damex.moe.bench
+--threaded`` measures what it buys (README, Benchmarks): it is the one remaining trick.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ from torch import Tensor, nn
 __all__ = ["ACTIVATIONS", "ExpertFFN", "Experts", "expert_ffn"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+# Automatic CPU threading (measured on the 2-core dev box, d=256, h=2048): below this many
+# multiply-adds per GEMM, thread dispatch costs more than it saves; above this many rows per
+# expert, MKL's own multi-threaded GEMMs are as fast (and per-thread buffers of that size get
+# page-faulted again on every call by glibc's worker-thread arenas).
+_THREAD_MIN_MACS = 1 << 24
+_THREAD_MAX_ROWS_PER_EXPERT = 512
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -282,9 +291,10 @@ def expert_ffn(
         activation: one of :data:`ACTIVATIONS`.
         dropout: dropout probability on the hidden activations (training only).
         training: whether dropout is active.
-        threaded: CPU only, opt-in: one contiguous row range per intra-op thread, each thread
-            running single-threaded GEMMs; sets the process-wide thread count to 1 during the
-            call (module docstring). None or False = plain ops on the calling thread.
+        threaded: CPU only: one contiguous row range per intra-op thread, each thread running
+            single-threaded GEMMs; sets the process-wide thread count to 1 during the call
+            (module docstring). None = automatic (CPU, > 1 thread, enough work, at most 512
+            rows per expert on average); False = plain ops on the calling thread only.
 
     Returns:
         ``[N, d]``, in ``x``'s dtype (autocast is resolved by the caller, see :class:`Experts`).
@@ -303,7 +313,10 @@ def expert_ffn(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     hidden = w1[0].shape[0]
-    # opt-in only: the worker pool flips the process-wide thread count (module docstring)
+    if threaded is None:
+        macs = x.shape[0] * hidden * x.shape[1]
+        rows_per_expert = x.shape[0] / max(1, sum(c > 0 for c in counts))
+        threaded = macs >= _THREAD_MIN_MACS and rows_per_expert <= _THREAD_MAX_ROWS_PER_EXPERT
     threaded = bool(threaded) and x.device.type == "cpu" and torch.get_num_threads() > 1
     drop_mask, drop_scale = None, 1.0
     if training and dropout > 0.0:
@@ -374,7 +387,7 @@ class Experts(nn.Module):
         activation: one of :data:`ACTIVATIONS`.
         dropout: dropout on the hidden activations.
         fc2_bias: whether fc2 has a (trainable) bias.
-        cpu_threads: see ``threaded`` in :func:`expert_ffn` (None = off).
+        cpu_threads: see ``threaded`` in :func:`expert_ffn` (None = automatic).
         first_expert: global id of the first expert held here.
     """
 

@@ -186,8 +186,8 @@ def test_validation_errors() -> None:
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
-def test_default_path_leaves_the_thread_count_alone(activation, two_threads, monkeypatch) -> None:
-    """The default (unthreaded) path never touches process-wide state."""
+def test_unthreaded_path_leaves_the_thread_count_alone(activation, two_threads, monkeypatch):
+    """``threaded=False`` never touches process-wide state, even where automatic threads."""
 
     def forbidden(n: int) -> None:
         raise AssertionError(f"expert_ffn called torch.set_num_threads({n})")
@@ -195,7 +195,7 @@ def test_default_path_leaves_the_thread_count_alone(activation, two_threads, mon
     w1, b1, w2, b2 = _params(3, 8, 16, dtype=torch.float32)
     x = torch.randn(600, 8, requires_grad=True)  # large enough for the old automatic threading
     monkeypatch.setattr(torch, "set_num_threads", forbidden)
-    y = expert_ffn(x, [200, 100, 300], w1, b1, w2, b2, activation=activation)
+    y = expert_ffn(x, [200, 100, 300], w1, b1, w2, b2, activation=activation, threaded=False)
     y.square().sum().backward()
     assert x.grad is not None and all(w.grad is not None for w in w1)
 
