@@ -545,6 +545,7 @@ def bench_main(argv: Sequence[str]) -> int:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--image-size", nargs=2, type=int, default=None, metavar=("H", "W"))
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--onnx", default=None, help="time this exported file (default: export now)")
     args = p.parse_args(list(argv))
     cfg = load_config(args.config)
     if args.checkpoint:
@@ -560,10 +561,10 @@ def bench_main(argv: Sequence[str]) -> int:
     side = int(cfg.data.test_scale) or max(cfg.data.scales)
     size = tuple(args.image_size) if args.image_size else (side, min(int(cfg.data.max_size), side))
     with tempfile.TemporaryDirectory() as tmp:
-        report = export_onnx(model, Path(tmp) / "m.onnx", image_size=size, num_select=num_select)
-        lat = benchmark_latency(
-            model, report.path, size, num_select=report.num_select, repeats=args.repeats
-        )
+        path = Path(args.onnx) if args.onnx else Path(tmp) / "m.onnx"
+        if not args.onnx:
+            export_onnx(model, path, image_size=size, num_select=num_select)
+        lat = benchmark_latency(model, path, size, num_select=num_select, repeats=args.repeats)
     h, w = size
     print("| model | image | threads | PyTorch eager ms | onnxruntime ms | speed-up |")
     print("|---|---|---|---|---|---|")
