@@ -271,18 +271,31 @@ def _deform_step(layer: torch.nn.Module, x: Tensor, ref: Tensor, shapes: list) -
     return time.perf_counter() - start
 
 
-def _deform_peak_rss(impl: str, height: int, width: int, seed: int, queue: Any) -> None:
-    """Child process: peak RSS growth (MiB) of one forward + backward."""
-    import resource
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
+
+def _deform_peak_rss(impl: str, height: int, width: int, seed: int, queue: Any) -> None:
+    """Child process: peak RSS growth (MiB) of one forward + backward (Linux: the peak is
+    reset through ``/proc/self/clear_refs`` just before the step)."""
     from damex.modeling.deform_attn import MSDeformAttn
 
     torch.manual_seed(seed)
     layer = MSDeformAttn(d_model=256, n_levels=4, n_heads=8, n_points=4, impl=impl)
     x, ref, shapes = _deform_layer_inputs(height, width, 256, 4, seed)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _proc_status_kib("VmRSS")
+    except OSError:
+        queue.put(float("nan"))
+        return
     _deform_step(layer, x, ref, shapes)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    queue.put((_proc_status_kib("VmHWM") - before) / 1024)
 
 
 def run_deform_benchmark(
@@ -362,6 +375,8 @@ def deform_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    rows = run_deform_benchmark(sizes, repeats=args.repeats, memory=not args.no_memory)
-    print(format_deform_table(rows))  # CLI output
+    rows = []
+    for size in sizes:  # one size at a time: partial tables survive an interrupted run
+        rows += run_deform_benchmark([size], repeats=args.repeats, memory=not args.no_memory)
+        print(format_deform_table(rows), flush=True)  # CLI output
     return 0
