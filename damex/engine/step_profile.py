@@ -1,4 +1,4 @@
-"""Where the time of a training step goes: ``damex benchmark profile`` / ``tools/benchmark.py``.
+"""Where the time of a training step goes: ``python tools/benchmark.py profile -c CONFIG``.
 
 Runs a few real training iterations of a config (its data loader, model, criterion, AdamW,
 gradient clipping) and splits every step into sections, timed with ``time.perf_counter``:
