@@ -122,9 +122,12 @@ def _run_parts(parts: list[list[_Item]], fn: Callable[[list[_Item]], None], thre
         return
     pool = _get_pool(len(parts) - 1)
     prev = torch.get_num_threads()
+    # grad and inference mode are thread-local: workers must not record graphs, and under
+    # inference_mode they must write into the caller's inference tensors in that mode too
+    inference = torch.is_inference_mode_enabled()
 
     def task(items: list[_Item]) -> None:
-        with torch.no_grad():  # grad mode is thread-local; workers must not record graphs
+        with torch.inference_mode() if inference else torch.no_grad():
             fn(items)
 
     # The thread count is process-wide: every GEMM below runs single-threaded, one part per

@@ -221,3 +221,15 @@ def test_moe_layer_forward_backward_on_cuda() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
     for e in set(info.expert[info.kept].tolist()):
         assert layer.experts[e].fc1.weight.grad is not None
+
+
+def test_threaded_under_inference_mode(two_threads) -> None:
+    """Worker threads follow the caller's inference mode (they write its inference tensors)."""
+    w1, b1, w2, b2 = _params(3, 8, 16, dtype=torch.float32)
+    x = torch.randn(60, 8)
+    counts = [20, 10, 30]
+    with torch.no_grad():
+        ref = expert_ffn(x, counts, w1, b1, w2, b2, threaded=False)
+    with torch.inference_mode():
+        out = expert_ffn(x, counts, w1, b1, w2, b2, threaded=True)
+    torch.testing.assert_close(out, ref)
