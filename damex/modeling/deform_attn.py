@@ -3,15 +3,15 @@
 ``ms_deform_attn`` is the core: bilinear sampling of every level (``align_corners=False``, zero
 padding) and the attention-weighted sum. Two implementations give the same results:
 
-- ``"sparse"`` (the default, :class:`_SparseDeformAttn`): all levels in one call. The 4 bilinear
-  corners of every sampling point become (row, weight) pairs, with the attention weight folded
-  in and out-of-map corners weighted 0, so the whole attention is one sparse ``[B*Nq*H, B*S*H]``
-  matrix with ``4 L P`` entries per row, times the values ``[B*S*H, Dh]``:
-  the forward is one CSR x dense product (a gather-and-FMA, no ``[.., 4 L P, Dh]`` gathered
-  tensor), the backward a sampled dense-dense product for the corner dot products (gradients
-  of the attention weights and the sampling locations, by the chain rule through the bilinear
-  weights) and an ``index_add_`` scatter of ``weight * grad_out`` for the values. Without grad
-  (inference) nothing is saved.
+- ``"sparse"`` (:class:`_SparseDeformAttn`; ``"auto"`` picks it on single-threaded CPU): all
+  levels in one call. The 4 bilinear corners of every sampling point become (row, weight)
+  pairs, with the attention weight folded in and out-of-map corners weighted 0, so the whole
+  attention is one sparse ``[B*Nq*H, B*S*H]`` matrix with ``4 L P`` entries per row, times the
+  values ``[B*S*H, Dh]``: the forward is one CSR x dense product (a gather-and-FMA, no
+  ``[.., 4 L P, Dh]`` gathered tensor), the backward a sampled dense-dense product for the
+  corner dot products (gradients of the attention weights and the sampling locations, by the
+  chain rule through the bilinear weights) and an ``index_add_`` scatter of
+  ``weight * grad_out`` for the values. Without grad (inference) nothing is saved.
 - ``"grid_sample"`` (the reference): ``F.grid_sample`` per level and plain autograd.
 
 ``MSDeformAttn`` is the module with the standard parameterization (sampling offsets, attention
@@ -70,8 +70,10 @@ def ms_deform_attn(
         sampling_locations: ``[B, Nq, H, L, P, 2]`` normalized ``(x, y)`` in [0, 1].
         attention_weights: ``[B, Nq, H, L, P]`` (already softmaxed over ``L * P``).
         impl: ``"sparse"`` (one sparse product for all levels, hand-written backward),
-            ``"grid_sample"`` (the reference) or ``"auto"`` (``"sparse"`` on CPU, where it is
-            measured faster; ``"grid_sample"`` elsewhere).
+            ``"grid_sample"`` (the reference) or ``"auto"``: ``"sparse"`` on CPU with one
+            intra-op thread (measured 1.18-1.29x faster fwd+bwd, 10-23% less peak memory),
+            ``"grid_sample"`` otherwise (with 2 threads on a busy 2-core machine the sparse
+            path's many small parallel ops stalled: 0.14-0.34x; README, Benchmarks).
 
     Returns:
         ``[B, Nq, H * Dh]`` in ``value``'s dtype.
@@ -93,7 +95,8 @@ def ms_deform_attn(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "sparse" if value.device.type == "cpu" else "grid_sample"
+        single = value.device.type == "cpu" and torch.get_num_threads() == 1
+        impl = "sparse" if single else "grid_sample"
     if impl == "grid_sample":
         return _grid_sample_attn(value, shapes, sampling_locations, attention_weights)
     locations = sampling_locations.to(value.dtype)

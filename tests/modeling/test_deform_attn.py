@@ -147,11 +147,17 @@ def test_sparse_without_grad_equals_with_grad():
     torch.testing.assert_close(fast, graph.detach(), atol=0, rtol=0)
 
 
-def test_auto_picks_sparse_on_cpu_and_rejects_unknown_impl():
+def test_auto_picks_by_thread_count_and_rejects_unknown_impl():
     value, loc, w = _random_inputs(3)
-    auto = ms_deform_attn(value, SHAPES, None, loc, w)
-    sparse = ms_deform_attn(value, SHAPES, None, loc, w, impl="sparse")
-    torch.testing.assert_close(auto, sparse, atol=0, rtol=0)
+    prev = torch.get_num_threads()
+    try:
+        for threads, impl in ((1, "sparse"), (2, "grid_sample")):
+            torch.set_num_threads(threads)
+            auto = ms_deform_attn(value, SHAPES, None, loc, w)
+            chosen = ms_deform_attn(value, SHAPES, None, loc, w, impl=impl)
+            torch.testing.assert_close(auto, chosen, atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(prev)
     with pytest.raises(ValueError, match="impl"):
         ms_deform_attn(value, SHAPES, None, loc, w, impl="cuda_kernel")
     with pytest.raises(ValueError, match="impl"):
