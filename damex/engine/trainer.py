@@ -82,6 +82,7 @@ from damex.engine.hooks import (
 from damex.engine.logging import RunLogger
 from damex.engine.moe_schedule import MoELossSchedule
 from damex.engine.optim import build_optimizer, build_scheduler, load_scheduler_state
+from damex.engine.propose import resolve_auto_expert_map
 from damex.engine.run_data import RunData, amp_dtype, build_model_parts, build_run_data
 from damex.engine.run_dir import load_resume_checkpoint, prepare_output_dir, resolve_resume
 from damex.engine.upcycle import upcycle_from_checkpoint
@@ -713,6 +714,7 @@ def train(cfg: Config, resume: str | bool = False) -> TrainResult:
         CheckpointError: the resume checkpoint is missing, corrupt or does not match.
         TrainingError: ``train.max_nonfinite`` consecutive non-finite steps.
     """
+    cfg = resolve_auto_expert_map(cfg)  # moe.expert_map: auto -> a map from the data
     resume_path = resolve_resume(cfg, resume)
     owns_group = not dist_utils.is_distributed()
     trainer = Trainer(cfg, resume_path)
