@@ -96,9 +96,13 @@ def ms_deform_attn(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         single = value.device.type == "cpu" and torch.get_num_threads() == 1
-        impl = "sparse" if single else "grid_sample"
+        # sparse CSR matmul has no bf16/fp16 kernel on CPU (autocast runs use grid_sample)
+        full = value.dtype in (torch.float32, torch.float64)
+        impl = "sparse" if single and full else "grid_sample"
     if impl == "grid_sample":
         return _grid_sample_attn(value, shapes, sampling_locations, attention_weights)
+    if value.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"impl='sparse' needs float32 or float64 values, got {value.dtype}")
     locations = sampling_locations.to(value.dtype)
     weights = attention_weights.to(value.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (value, locations, weights)):
