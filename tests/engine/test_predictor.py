@@ -127,3 +127,24 @@ def test_readme_example_runs(reference_run: Path, synthetic_root: Path, capsys) 
     assert len(lines) == 5
     dataset, label = lines[0].split()[:2]
     assert dataset in ("syn_photo", "syn_signs") and label.isidentifier()
+
+
+def test_explained_demo_writes_json_and_a_readable_overlay(
+    synthetic_root: Path, reference_run: Path, tmp_path: Path
+) -> None:
+    from damex.engine.report import run_explained_demo
+
+    cfg = tiny_config(synthetic_root, reference_run, **REF)
+    path, _ = _test_image(synthetic_root, "syn_signs")
+    written = run_explained_demo(
+        cfg, reference_run / "best.pth", path, tmp_path, top_n=3, min_score=0.0
+    )
+    assert written == [tmp_path / f"{path.stem}.png"]
+    doc = json.loads((tmp_path / f"{path.stem}.json").read_text())
+    dets = doc["detections"]
+    assert len(dets) == cfg.eval.num_select and doc["moe_layers"] == ["decoder.0"]
+    shown = [d for d in dets if d["shown"]]
+    assert 1 <= len(shown) <= 3 and len({d["query"] for d in shown}) == len(shown)
+    assert all(d["score"] >= 0.3 * dets[0]["score"] - 1e-6 for d in shown)  # per-image threshold
+    with Image.open(written[0]) as im:
+        assert min(im.size) >= 512  # the 96 px test image is enlarged for display
