@@ -148,14 +148,14 @@ class DataConfig:
     datasets: dict[str, DatasetEntry] = field(default_factory=dict)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     label_policy: LabelPolicy = "disjoint"
-    # sampling over datasets (spec §4.4)
+    # sampling over datasets (docs/design.md §4.4)
     sampler: SamplerMode = "proportional"
     temperature: float = 2.0
     repeat_threshold: float = 0.001
     homogeneous_batches: bool = False
     epoch_size: int = 0  # samples per epoch; 0 = sum of training set sizes
-    limited: dict[str, float] = field(default_factory=dict)  # dataset -> percent kept (spec §4.7)
-    # augmentation (spec §4.5)
+    limited: dict[str, float] = field(default_factory=dict)  # dataset -> percent kept (docs/design.md §4.7)
+    # augmentation (docs/design.md §4.5)
     scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = 1333
     test_scale: int = 0  # 0 = max(scales)
@@ -163,7 +163,7 @@ class DataConfig:
     crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     hflip: bool = True
-    per_dataset_scales: bool = False  # official joint training ignores them (spec Q7)
+    per_dataset_scales: bool = False  # official joint training ignores them (docs/design.md Q7)
     # bad input
     out_of_bounds: OutOfBoundsPolicy = "clip"
     on_bad_sample: BadSamplePolicy = "error"
@@ -291,7 +291,7 @@ class TrainConfig:
     clip_max_norm: float = 0.1
     grad_checkpoint: bool = False  # recompute encoder layers in backward: less memory, more time
     schedule: Schedule = "step"
-    lr_drop: int = 11  # step: decay every lr_drop epochs (official; spec Q8)
+    lr_drop: int = 11  # step: decay every lr_drop epochs (official; docs/design.md Q8)
     milestones: list[int] = field(default_factory=lambda: [33])
     gamma: float = 0.1
     warmup_iters: int = 0

@@ -1,4 +1,4 @@
-"""One exception type per package boundary (DESIGN.md §5).
+"""One exception type per package boundary (docs/design.md §10).
 
 Every message names the file / key / line involved and says what was expected.
 """

@@ -14,7 +14,7 @@ was routed to, that expert's gate probability and the datasets mapped to it)::
     for record in det.records()[:3]:
         print(record["dataset"], record["label"], round(record["score"], 2), record["experts"])
 
-Inference never sees a dataset id (DESIGN.md §5): the label's dataset is the one that owns the
+Inference never sees a dataset id (docs/design.md §10): the label's dataset is the one that owns the
 predicted slot of the unified label space.
 """
 

@@ -1,6 +1,6 @@
 """Data structures that flow between the data pipeline, the model and evaluation.
 
-Conventions (DESIGN.md §5):
+Conventions (docs/design.md §10):
 - boxes are ``xyxy`` absolute pixels at the data boundary (``Sample``) and in predictions
   (``Detections``); ``cxcywh`` normalized to the unpadded image size inside the model and the
   criterion (``Target``). Convert only with the functions in this module.

@@ -153,7 +153,7 @@ def test_every_shipped_config_builds_its_model() -> None:
         if path.parent.name in ("base", "experiments"):
             continue
         cfg = load_config(path)
-        if path.parent.name == "uodb":  # the paper's 178-way head (spec §4.2)
+        if path.parent.name == "uodb":  # the paper's 178-way head (docs/design.md §4.2)
             names = [n for n in cfg.data.train if n != "voc12"]
             num_classes = sum(UODB_NUM_SLOTS.get(n, len(UODB_CLASSES[n])) for n in names)
             assert num_classes == 178

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write seeded image-level P% subsets of COCO JSONs (spec §4.7); see `--help`.
+"""Write seeded image-level P% subsets of COCO JSONs (docs/design.md §4.7); see `--help`.
 
 python tools/make_subsets.py --root data/uodb --percent 10 --seed 0
 python tools/make_subsets.py --json-in train.json --json-out sub.json --percent 10

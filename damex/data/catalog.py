@@ -132,7 +132,7 @@ class DatasetCatalog(Mapping[str, DatasetSpec]):
 def uodb_train_scales(test_scale: int) -> list[int]:
     """UODB single-dataset train scales: 480, 512, ... up to the first step >= ``test_scale``.
 
-    Reproduces the per-dataset lists of the official single-dataset configs (spec/damex.md
+    Reproduces the per-dataset lists of the official single-dataset configs (docs/design.md
     §4.5): test 600 -> [480..608], 576 -> [480..576], 512 -> [480, 512], 800 -> [480..800].
     """
     scales = [480]
@@ -145,7 +145,7 @@ def _builtin_uodb(root: Path) -> dict[str, DatasetSpec]:
     specs = {}
     for name in UODB_DATASETS:
         base = root / "uodb" / name
-        # voc12 has no test set of its own: UODB evaluates VOC on voc07's (spec §4.1).
+        # voc12 has no test set of its own: UODB evaluates VOC on voc07's (docs/design.md §4.1).
         split_names = ("train",) if name == "voc12" else ("train", "test")
         test_scale = UODB_TEST_SCALES[name]
         specs[name] = DatasetSpec(

@@ -1,4 +1,4 @@
-"""A COCO-JSON detection dataset (every source is converted to COCO JSON; DESIGN.md §3).
+"""A COCO-JSON detection dataset (every source is converted to COCO JSON; docs/design.md §9).
 
 ``CocoDetection`` reads one split of one dataset: it validates the whole annotation file at
 construction (cheap, no image decoding), keeps the boxes as compact numpy arrays (no per-image

@@ -1,6 +1,6 @@
 """The unified label space of a multi-dataset run: unified index <-> (dataset, native category id).
 
-Two policies (spec/damex.md §4.2):
+Two policies (docs/design.md §4.2):
 
 - ``disjoint`` (default, the paper's): datasets in the run's order, each owns one contiguous
   block of slots; nothing is merged across datasets, not even identical names. A dataset given
@@ -14,7 +14,7 @@ Two policies (spec/damex.md §4.2):
   appearance, so "car" of two datasets is one class.
 
 Unified labels are 0-based. Native category ids only appear in JSON files and evaluation
-output (DESIGN.md §5). The label space is plain data (``state_dict``) stored in checkpoints.
+output (docs/design.md §10). The label space is plain data (``state_dict``) stored in checkpoints.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 LABEL_POLICIES: tuple[str, ...] = choices(LabelPolicy)
 
 # The paper's 178-way head gives VOC07 and VOC12 (same 20 classes, same JSON categories) one
-# shared block (spec/damex.md §4.2). A group only applies when at least two members are present.
+# shared block (docs/design.md §4.2). A group only applies when at least two members are present.
 DEFAULT_SHARE_GROUPS: tuple[tuple[str, ...], ...] = (("voc07", "voc12"),)
 
 _STATE_VERSION = 1
@@ -123,7 +123,7 @@ class LabelSpace:
     """Two-way map between unified 0-based labels and ``(dataset_id, native_category_id)``.
 
     ``dataset_id`` is the position of the dataset in the list given to :meth:`build` (the
-    run's ordered dataset list, DESIGN.md §3). Build with :meth:`build`; restore with
+    run's ordered dataset list, docs/design.md §9). Build with :meth:`build`; restore with
     :meth:`from_state_dict`.
 
     Example:
@@ -395,7 +395,7 @@ class LabelSpace:
     def check_labels(self, labels: Any, *, where: str = "") -> None:
         """Raise if any label is outside ``[0, num_classes)``.
 
-        The startup check of DESIGN.md §5: DINO crashes with a CUDA index assert when a label is
+        The startup check of docs/design.md §10: DINO crashes with a CUDA index assert when a label is
         >= num_classes (IDEA-Research/DINO#81; DAMEX's WiderFace id 178 of a 178-way head, Q6).
 
         Args:

@@ -1,11 +1,11 @@
-"""Dataset-aware, distributed, resumable batch samplers (spec/damex.md §4.4, bug Q10).
+"""Dataset-aware, distributed, resumable batch samplers (docs/design.md §4.4, bug Q10).
 
 ``DatasetAwareSampler`` yields batches of *global* indices into the concatenation of the
 training datasets (dataset ``d`` owns ``[offset_d, offset_d + n_d)``). Every rank derives the
 same global batch order from ``(seed, epoch)`` with a local ``torch.Generator`` and then takes
 the disjoint shard ``rank::world_size`` of the batches (the official ``WeightedDistributedSampler``
 drew from the global RNG seeded ``seed + rank``, so ranks sampled independently instead of
-sharding: spec Q10).
+sharding: docs/design.md Q10).
 
 Modes (``p_d`` = probability that a sample comes from dataset ``d``):
 

@@ -1,4 +1,4 @@
-"""Limited-data subsets (spec §4.7): seeded image-level P% subsets of a COCO JSON.
+"""Limited-data subsets (docs/design.md §4.7): seeded image-level P% subsets of a COCO JSON.
 
 DAMEX's ``--fs P`` swapped the train JSON of watercolor, comic, deeplesion and kitti for a file
 with the ``fsPerc{P}_`` prefix; those files were never released. :func:`make_subset` rebuilds
@@ -37,7 +37,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The datasets DAMEX's --fs option shrinks (spec §4.7).
+# The datasets DAMEX's --fs option shrinks (docs/design.md §4.7).
 LIMITED_DATASETS: tuple[str, ...] = ("watercolor", "comic", "deeplesion", "kitti")
 
 

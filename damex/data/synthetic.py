@@ -6,7 +6,7 @@
     out/NAME/images/{split}_{index:05d}.{jpg,png}
     out/.damex_synthetic.json          marker: generator version, seed, scale, image size
 
-The datasets mirror the ways UODB's sources differ (spec/damex.md §4.1):
+The datasets mirror the ways UODB's sources differ (docs/design.md §4.1):
 
 ============  ==================================================  ============================
 name          domain (UODB analogue)                              classes

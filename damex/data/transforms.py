@@ -1,4 +1,4 @@
-"""Train / test image pipelines on ``Sample`` (spec/damex.md §4.5, quirk Q7).
+"""Train / test image pipelines on ``Sample`` (docs/design.md §4.5, quirk Q7).
 
 Train (the DETR / DINO recipe, ``make_coco_transforms``):
 

@@ -1,8 +1,8 @@
 """The Universal Object Detection Benchmark (UODB; Wang et al., CVPR 2019) as DAMEX uses it.
 
-Facts only (spec/damex.md §4.1-§4.3): the 12 sources (VOC07 and VOC12 separate), their class
+Facts only (docs/design.md §4.1-§4.3): the 12 sources (VOC07 and VOC12 separate), their class
 names in native-id order (native id = position + 1), the COCO slot count of the paper's
-178-way head, the paper's dataset -> expert map (written by name, spec Q1) and UODB's
+178-way head, the paper's dataset -> expert map (written by name, docs/design.md Q1) and UODB's
 per-dataset test scales. Paths live in ``damex.data.catalog``.
 """
 
@@ -72,7 +72,7 @@ UODB_CLASSES: dict[str, list[str]] = {
     "deeplesion": ["lesion"],
 }  # fmt: skip
 
-# The 12 sources in the paper's label-space order (spec §4.2): coco, voc (07/12 share one
+# The 12 sources in the paper's label-space order (docs/design.md §4.2): coco, voc (07/12 share one
 # block in the paper; here each source is its own dataset and `voc12` reuses voc07's test set),
 # clipart, watercolor, comic, deeplesion, dota, kitchen, kitti, lisa, widerface.
 UODB_DATASETS: list[str] = [
@@ -84,13 +84,13 @@ UODB_DATASETS: list[str] = [
 # paper's head 178-way; every other dataset uses ids 1..C in a C-slot block.
 UODB_NUM_SLOTS: dict[str, int] = {"coco": 91}
 
-# UODB's per-dataset test scales (short side; spec §4.5, uodb-code datasets_info.py).
+# UODB's per-dataset test scales (short side; docs/design.md §4.5, uodb-code datasets_info.py).
 UODB_TEST_SCALES: dict[str, int] = {
     "coco": 800, "voc07": 600, "voc12": 600, "clipart": 600, "watercolor": 600, "comic": 600,
     "kitti": 576, "lisa": 800, "widerface": 800, "dota": 600, "kitchen": 800, "deeplesion": 512,
 }  # fmt: skip
 
-# The released 12-source / 8-expert map (spec §4.3), by name instead of by position (Q1).
+# The released 12-source / 8-expert map (docs/design.md §4.3), by name instead of by position (Q1).
 PAPER_EXPERT_MAP: dict[str, int] = {
     "clipart": 0, "coco": 1, "voc07": 1, "voc12": 1, "comic": 1, "deeplesion": 2, "dota": 3,
     "kitchen": 4, "lisa": 5, "kitti": 5, "watercolor": 6, "widerface": 7,

@@ -5,7 +5,7 @@ shards); detections are gathered on rank 0 by ``MultiDatasetEvaluator`` (which e
 dataset against its own GT JSON in native category ids); routing statistics are summed over
 ranks. The model runs in eval mode under ``torch.inference_mode``; the dataset identity of an
 image is used only to pick its GT file and, for the oracle, to restrict scores to the dataset's
-labels (DESIGN.md §5: it never enters routing).
+labels (docs/design.md §10: it never enters routing).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and learning-rate schedules (spec §2.1 optimizer row, §4.6).
+"""Optimizer parameter groups and learning-rate schedules (docs/design.md §2.1 optimizer row, §4.6).
 
 Parameter groups follow DINO (``param_dict_type='default'`` plus the Deformable-DETR
 ``lr_linear_proj_mult`` option):
@@ -17,7 +17,7 @@ warmup ramp ``w(i) = min(1, (i + 1) / warmup_iters)`` (detectron2's ``WarmupPara
 convention: the ramp multiplies the scheduled value):
 
 * ``step``: ``gamma ** (epoch // lr_drop)``. With the official ``lr_drop=11`` and 36 epochs this
-  decays at epochs 11, 22 and 33 (spec Q8), which is reproduced on purpose.
+  decays at epochs 11, 22 and 33 (docs/design.md Q8), which is reproduced on purpose.
 * ``multistep``: ``gamma ** |{m in milestones : m <= epoch}|``.
 * ``cosine``: ``0.5 * (1 + cos(pi * i / total_iters))`` (floored at ``min_lr_ratio``).
 * ``time_cosine``: the same cosine over the wall-clock budget, ``progress = elapsed_s /
@@ -147,7 +147,7 @@ def build_param_groups(
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, *, no_decay_norm_bias: bool = False
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`build_param_groups` with the values of ``cfg`` (spec §2.1).
+    """AdamW over :func:`build_param_groups` with the values of ``cfg`` (docs/design.md §2.1).
 
     Args:
         model: the detector.

@@ -1,6 +1,6 @@
-"""Per-dataset COCO box evaluation, the mean over datasets, and result tables (spec §5).
+"""Per-dataset COCO box evaluation, the mean over datasets, and result tables (docs/design.md §5).
 
-Protocol (official DAMEX ``engine.py`` / ``datasets/coco_eval.py``, spec §5):
+Protocol (official DAMEX ``engine.py`` / ``datasets/coco_eval.py``, docs/design.md §5):
 
 - every dataset's test set is evaluated on its own with COCOeval (bbox, ``useCats=True``,
   maxDets 1/10/100) against that dataset's GT JSON, in the dataset's NATIVE category ids;
@@ -250,7 +250,7 @@ def _run_cocoeval(gt: dict, dets: list[dict], backend: Backend, max_dets: int) -
             coco_gt.createIndex()
             if dets:
                 coco_dt = coco_gt.loadRes(dets)
-            else:  # loadRes([]) raises IndexError (spec/deps.md trap 6)
+            else:  # loadRes([]) raises IndexError (docs/design.md T6)
                 coco_dt = COCO()
                 coco_dt.dataset = {
                     "images": gt["images"],
@@ -623,7 +623,7 @@ class MultiDatasetEvaluator:
         backend: ``"faster"`` or ``"pycocotools"``.
         max_dets: COCOeval's last maxDets.
         count_shared_test_sets_once: a dataset whose GT is the same file (or the same dict
-            object) as an earlier dataset's is skipped (spec §5: voc12 is evaluated as voc07).
+            object) as an earlier dataset's is skipped (docs/design.md §5: voc12 is evaluated as voc07).
         only_processed_images: evaluate each dataset on the images that were processed only
             (``eval.max_images`` quick checks); default: on every GT image (the protocol), so an
             image never processed counts as all-missed.

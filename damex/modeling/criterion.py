@@ -1,7 +1,7 @@
 """DINO set criterion (focal / L1 / GIoU on matched pairs; aux, interm, DN, one-to-many and
 dense branches) plus the MoE losses computed from ``DetectorOutput.routing``.
 
-Formulas (spec §2.1, §3):
+Formulas (docs/design.md §2.1, §3):
 - class: sigmoid focal loss (alpha, gamma) summed over all (query, class) entries and divided by
   ``num_boxes``. This equals DINO's ``sigmoid_focal_loss(...).mean(1).sum() / num_boxes * Q``.
 - boxes: L1 on normalized ``cxcywh`` and ``1 - GIoU``, summed over matched pairs / ``num_boxes``.
@@ -64,7 +64,7 @@ def foreground_mask(
 ) -> Tensor:
     """Matched (foreground) matching queries from the Hungarian indices.
 
-    Taken from the matcher's query indices, not from the class targets (spec Q13: DINO's
+    Taken from the matcher's query indices, not from the class targets (docs/design.md Q13: DINO's
     ``argmax(onehot) != 0`` cannot tell class 0 from background).
 
     Args:
@@ -84,7 +84,7 @@ def foreground_mask(
 def select_tokens(info: RoutingInfo, mode: str, foreground: Tensor | None = None) -> Tensor:
     """Which routed tokens a MoE loss uses.
 
-    Modes (spec §3.3): ``all`` every decoder token (matching, DN, DN padding, one-to-many: the
+    Modes (docs/design.md §3.3): ``all`` every decoder token (matching, DN, DN padding, one-to-many: the
     official DAMEX default); ``matching_only`` the matching queries (foreground and background);
     ``foreground`` the matching queries matched by the final layer's Hungarian matching;
     ``exclude_dn`` everything but DN and DN padding tokens.

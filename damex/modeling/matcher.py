@@ -1,7 +1,7 @@
 """Hungarian (one-to-one) matching of predictions to ground truth, DINO style, and the known
 pairs of the denoising queries.
 
-Matching cost (DINO ``models/dino/matcher.py``; spec §2.1): for query q and GT box j,
+Matching cost (DINO ``models/dino/matcher.py``; docs/design.md §2.1): for query q and GT box j,
 
     C[q, j] = w_class * (pos(p_qc) - neg(p_qc)) + w_bbox * |b_q - b_j|_1 - w_giou * GIoU(b_q, b_j)
 

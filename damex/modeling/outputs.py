@@ -1,5 +1,5 @@
 """The detector's output structure: everything the criterion, postprocess and routing
-statistics need, as plain tensors (no closures, DESIGN.md §3).
+statistics need, as plain tensors (no closures, docs/design.md §9).
 
 Shapes: B images, Q matching queries, K classes (``LabelSpace.num_classes``), L decoder layers.
 Boxes are ``cxcywh`` normalized to each image's unpadded size, after sigmoid.

@@ -4,7 +4,7 @@ Two embeddings are used by DINO (Zhang et al. 2022, following DETR / Deformable 
 
 - ``sine_position_embedding``: the per-pixel embedding of the feature maps (encoder), computed
   from the padding mask and normalized by each image's *valid* size, so it does not depend on how
-  much padding the batch adds. DINO uses temperature 20 for both axes (spec §2.1).
+  much padding the batch adds. DINO uses temperature 20 for both axes (docs/design.md §2.1).
 - ``sine_box_embedding``: the embedding of a query's reference box ``(cx, cy, w, h)`` (DAB-DETR's
   ``gen_sineembed_for_position``), fed to the decoder's ``ref_point_head`` MLP.
 """

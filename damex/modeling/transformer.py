@@ -1,6 +1,6 @@
 """DINO's deformable transformer: encoder, two-stage query selection, decoder with per-layer FFN.
 
-Structure (DINO, Zhang et al. 2022; Deformable DETR, Zhu et al. 2021; spec §2.1-§2.3):
+Structure (DINO, Zhang et al. 2022; Deformable DETR, Zhu et al. 2021; docs/design.md §2.1-§2.3):
 
 - encoder: ``enc_layers`` x [deformable self-attention over all levels -> add & LayerNorm ->
   ReLU FFN -> add & LayerNorm] (post-norm). ``enc_layers = 0`` passes the neck features through.
@@ -13,7 +13,7 @@ Structure (DINO, Zhang et al. 2022; Deformable DETR, Zhu et al. 2021; spec §2.1
 - decoder: ``dec_layers`` x [self-attention (MHA, with the DN / one-to-many mask) -> add & LN ->
   deformable cross-attention around the reference box -> add & LN -> FFN sub-block]. The FFN
   sub-block is injected (house rule 3): ``FFN`` (dense, post-norm) or ``MoEBlock`` (pre-norm,
-  ``x + DropPath(MoE(LN(x)))``, no norm after; spec §2.3).
+  ``x + DropPath(MoE(LN(x)))``, no norm after; docs/design.md §2.3).
 - iterative box refinement with "look forward twice": layer i predicts
   ``sigmoid(box_head(norm(h_i)) + logit(ref_i))`` where ``ref_i`` is the previous layer's
   refined box *with* gradient, while the reference used for sampling is detached between layers.
@@ -22,7 +22,7 @@ Structure (DINO, Zhang et al. 2022; Deformable DETR, Zhu et al. 2021; spec §2.1
   level-0 valid ratio (padded coordinates); we embed the box in image coordinates so the query
   position does not depend on the batch's padding.
 
-DropPath (spec Q14): one keep/drop draw per (image, query) token, not per query index shared
+DropPath (docs/design.md Q14): one keep/drop draw per (image, query) token, not per query index shared
 across the batch as in the official query-major code.
 """
 
@@ -117,7 +117,7 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     """Stochastic depth per token: ``x * Bernoulli(1 - p) / (1 - p)`` with one draw per row.
 
     Args:
-        x: ``[B, N, D]`` (one draw per (image, query) token; spec Q14).
+        x: ``[B, N, D]`` (one draw per (image, query) token; docs/design.md Q14).
         p: drop probability.
         training: identity when False.
 
@@ -171,13 +171,13 @@ class FFN(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """Pre-norm MoE sub-block: ``x + DropPath(MoE(LN(x)))``, no norm after (spec §2.3).
+    """Pre-norm MoE sub-block: ``x + DropPath(MoE(LN(x)))``, no norm after (docs/design.md §2.3).
 
     ``norm="post"`` gives the dense FFN's layout instead, ``LN(x + DropPath(MoE(x)))``, so an
     MoE block can replace a dense ``FFN`` exactly (upcycling, README "Making the mixture pay").
 
     Tokens are flattened batch-major (``t = b * N + n``) and the image index of every token is
-    passed explicitly (spec Q2), so capacity per image and the DAMEX targets never depend on a
+    passed explicitly (docs/design.md Q2), so capacity per image and the DAMEX targets never depend on a
     guessed layout.
 
     Args:

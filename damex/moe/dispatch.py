@@ -3,14 +3,14 @@
 Vocabulary: ``T`` tokens, each with ``k`` routing *assignments* (token, choice ``j``, expert
 ``e``, gate ``g``). Tokens belong to capacity *groups* (one image, or the whole batch).
 
-Capacity (DESIGN.md §4, spec §2.3/§7): for a group of ``T_g`` tokens,
+Capacity (docs/design.md §2.3, docs/design.md §2.3/§7): for a group of ``T_g`` tokens,
 ``C_g = max(1, floor(|cf| * k * T_g / E))`` slots per expert; ``cf == 0`` means no limit.
 tutel's negative factor ("dynamic capacity capped at |cf|", microsoft/Tutel#135) sizes its
 buffers by the actual maximum load but drops exactly the tokens that ``cf = |cf|`` drops; since
 nothing here is padded, ``cf < 0`` and ``cf = |cf|`` give identical results. The ``max(1, .)``
 keeps a tiny group (``T_g < E / (|cf| k)``) from losing every token; tutel's formula
 ``k * floor(cf * ceil(T/E))`` has the same floor of one slot for ``cf >= 1`` and can be one
-slot larger (``T = 900, E = 8, cf = 1.25``: tutel 141, here 140, the DESIGN.md formula).
+slot larger (``T = 900, E = 8, cf = 1.25``: tutel 141, here 140, the docs/design.md §2.3 formula).
 
 Slot order (batch-prioritized routing, BPR, as tutel ``use_bpr``): inside one (group, expert)
 bucket, all first choices come before all second choices (tutel offsets the locations of the

@@ -38,7 +38,7 @@ EXPERT_INITS = ("independent", "identical")
 
 
 class MoEFFN(nn.Module):
-    """Sparse mixture-of-experts feed-forward block (DESIGN.md §4).
+    """Sparse mixture-of-experts feed-forward block (docs/design.md §2.3).
 
     ``y_t = sum_j kept_tj * gate_tj * Expert_{e_tj}(x_t)``: a linear (or cosine) router with
     train-time noise picks the top-k experts of each token; each (capacity group, expert) pair
@@ -63,7 +63,7 @@ class MoEFFN(nn.Module):
         activation: expert activation (``"gelu"`` in DAMEX).
         dropout: dropout inside the experts.
         fc2_bias: trainable fc2 bias (True) or none (False). The official frozen-random fc2
-            bias (spec §3.4 Q9) is deliberately not reproduced.
+            bias (docs/design.md §3.4 Q9) is deliberately not reproduced.
         normalize_gate: renormalize the k gates of a token (k > 1).
         expert_parallel_group: a process group to spread the experts over (``E % W == 0``);
             None = all experts local. All ranks must construct the layer from the same RNG

@@ -1,9 +1,9 @@
 """MoE auxiliary losses: pure functions of :class:`RoutingInfo` (and targets).
 
-* :func:`damex_loss` - DAMEX (Jain et al., NeurIPS 2023; spec §3.3): cross-entropy of the clean
+* :func:`damex_loss` - DAMEX (Jain et al., NeurIPS 2023; docs/design.md §3.3): cross-entropy of the clean
   router logits against the expert of the token's dataset, mean over tokens, mean over layers.
 * :func:`load_importance_loss` - Shazeer et al. 2017 load + importance, in the tutel / Swin-MoE
-  form used by the DINO-MoE baseline (spec §3.2), or a corrected form.
+  form used by the DINO-MoE baseline (docs/design.md §3.2), or a corrected form.
 * :func:`switch_loss` - GShard / Switch: ``E * sum_e f_e * m_e``.
 * :func:`router_z_loss` - ST-MoE (Zoph et al., 2022): ``mean_t logsumexp(z_t)^2``.
 * :func:`moe_loss` - the by-name dispatcher the detector's criterion calls.
@@ -11,7 +11,7 @@
 
 Token selection: every function takes an optional ``token_mask`` (``bool [T]``) per layer.
 Which image (hence which dataset) a token comes from is read from ``info.token_image``, never
-from a memory layout (the official ``repeat_interleave`` is wrong for batch > 1, spec Q2).
+from a memory layout (the official ``repeat_interleave`` is wrong for batch > 1, docs/design.md Q2).
 """
 
 from __future__ import annotations

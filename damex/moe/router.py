@@ -1,6 +1,6 @@
 """Top-k routers: linear (tutel ``LinearTopKGate``) and cosine (tutel ``CosineTopKGate``).
 
-Facts carried over (spec §2.3): the linear router has no bias; during training,
+Facts carried over (docs/design.md §2.3): the linear router has no bias; during training,
 ``N(0, 1) * gate_noise / E`` is added to the logits; the scores are the softmax of the (noisy)
 logits; the top-k experts are taken from those scores; the gate of a choice is its softmax
 probability (not renormalized for k = 1, optionally renormalized over the k choices for k > 1).

@@ -39,7 +39,7 @@ def test_builtin_uodb_entries(tmp_path: Path) -> None:
     assert not cat.get("voc12").has_split("test")  # UODB evaluates VOC on voc07's test set
     with pytest.raises(DatasetError, match=r"'voc12' has no split 'test'; it has \['train'\]"):
         cat.get("voc12").ann_file("test")
-    # the official single-dataset train scales (spec §4.5)
+    # the official single-dataset train scales (docs/design.md §4.5)
     assert cat.get("clipart").scales == [480, 512, 544, 576, 608]
     assert cat.get("kitti").scales == [480, 512, 544, 576]
     assert cat.get("deeplesion").scales == [480, 512]

@@ -26,7 +26,7 @@ def _uodb_entries(order: list[str] = UODB_DATASETS) -> list[tuple]:
     return out
 
 
-# The paper's block starts (spec/damex.md §4.2, clean 0-based index = start + local_id - 1).
+# The paper's block starts (docs/design.md §4.2, clean 0-based index = start + local_id - 1).
 PAPER_STARTS = {
     "coco": 0, "voc07": 91, "voc12": 91, "clipart": 111, "watercolor": 131, "comic": 137,
     "deeplesion": 143, "dota": 144, "kitchen": 159, "kitti": 170, "lisa": 173, "widerface": 177,

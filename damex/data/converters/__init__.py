@@ -1,4 +1,4 @@
-"""Converters from each UODB dataset's original release to COCO JSON (spec §4.1).
+"""Converters from each UODB dataset's original release to COCO JSON (docs/design.md §4.1).
 
 One module per original format (``voc``, ``kitti``, ``widerface``, ``lisa``, ``dota``,
 ``deeplesion``, ``kitchen``, ``coco``); ``prepare`` lays the results out as

@@ -7,7 +7,7 @@ non-contiguous ids 1..90 (checked against ``damex.data.uodb``). Segmentations ar
 unless ``keep_segmentation=True``. Boxes are validated like every other converter's (clip and
 count, zero-area skipped and counted).
 
-Splits reproduced (spec §4.1; UODB/DAMEX): ``instances_valminusminival2014`` -> train,
+Splits reproduced (docs/design.md §4.1; UODB/DAMEX): ``instances_valminusminival2014`` -> train,
 ``instances_minival2014`` -> test, images from ``val2014``. COCO 2017's ``val2017`` is the same
 5k images as ``minival2014``, so the test split can also be made from ``instances_val2017.json``
 (``file_name_fn`` renames ``000000xxxxxx.jpg`` to ``COCO_val2014_000000xxxxxx.jpg``), and the
