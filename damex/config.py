@@ -154,7 +154,8 @@ class DataConfig:
     repeat_threshold: float = 0.001
     homogeneous_batches: bool = False
     epoch_size: int = 0  # samples per epoch; 0 = sum of training set sizes
-    limited: dict[str, float] = field(default_factory=dict)  # dataset -> percent kept (docs/design.md §4.7)
+    # dataset -> percent of its training images kept (docs/design.md §4.7)
+    limited: dict[str, float] = field(default_factory=dict)
     # augmentation (docs/design.md §4.5)
     scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = 1333

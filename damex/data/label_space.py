@@ -395,7 +395,8 @@ class LabelSpace:
     def check_labels(self, labels: Any, *, where: str = "") -> None:
         """Raise if any label is outside ``[0, num_classes)``.
 
-        The startup check of docs/design.md §10: DINO crashes with a CUDA index assert when a label is
+        The startup check of docs/design.md §10: DINO crashes with a CUDA index assert when a label
+        is
         >= num_classes (IDEA-Research/DINO#81; DAMEX's WiderFace id 178 of a 178-way head, Q6).
 
         Args:

@@ -623,7 +623,8 @@ class MultiDatasetEvaluator:
         backend: ``"faster"`` or ``"pycocotools"``.
         max_dets: COCOeval's last maxDets.
         count_shared_test_sets_once: a dataset whose GT is the same file (or the same dict
-            object) as an earlier dataset's is skipped (docs/design.md §5: voc12 is evaluated as voc07).
+            object) as an earlier dataset's is skipped (docs/design.md §5: voc12 is evaluated as
+        voc07).
         only_processed_images: evaluate each dataset on the images that were processed only
             (``eval.max_images`` quick checks); default: on every GT image (the protocol), so an
             image never processed counts as all-missed.

@@ -10,7 +10,8 @@ Definitions (per layer, per dataset ``d`` with ``n_d`` counted tokens):
 
 - share ``[d, e]`` = tokens of ``d`` whose top-1 expert is ``e`` / ``n_d`` (rows sum to 1; a
   dataset without tokens is a row of zeros);
-- accuracy ``[d]`` = share ``[d, map[d]]``: the DAMEX objective (docs/design.md §3) measured at test time,
+- accuracy ``[d]`` = share ``[d, map[d]]``: the DAMEX objective (docs/design.md §3) measured at
+  test time,
   where the router never sees the dataset identity; undefined (None) without a map entry;
 - drop rate ``[d]`` = routing assignments of ``d``'s tokens dropped by the capacity limit /
   all of them (``k`` per token; for top-1, the share of tokens dropped);

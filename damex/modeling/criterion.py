@@ -84,7 +84,8 @@ def foreground_mask(
 def select_tokens(info: RoutingInfo, mode: str, foreground: Tensor | None = None) -> Tensor:
     """Which routed tokens a MoE loss uses.
 
-    Modes (docs/design.md §3.3): ``all`` every decoder token (matching, DN, DN padding, one-to-many: the
+    Modes (docs/design.md §3.3): ``all`` every decoder token (matching, DN, DN padding,
+    one-to-many: the
     official DAMEX default); ``matching_only`` the matching queries (foreground and background);
     ``foreground`` the matching queries matched by the final layer's Hungarian matching;
     ``exclude_dn`` everything but DN and DN padding tokens.

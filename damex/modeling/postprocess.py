@@ -1,7 +1,8 @@
 """Model output -> per-image ``Detections`` in pixels of the original image (DINO ``PostProcess``).
 
 DINO takes the top ``num_select`` (query, class) pairs over all Q x K sigmoid scores, with no NMS
-(docs/design.md §2.1, §5). Optionally (an oracle that uses the dataset identity, reported separately) the
+(docs/design.md §2.1, §5). Optionally (an oracle that uses the dataset identity, reported
+separately) the
 scores of classes outside the image's dataset slice are removed before the top-K.
 """
 

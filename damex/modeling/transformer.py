@@ -22,7 +22,8 @@ Structure (DINO, Zhang et al. 2022; Deformable DETR, Zhu et al. 2021; docs/desig
   level-0 valid ratio (padded coordinates); we embed the box in image coordinates so the query
   position does not depend on the batch's padding.
 
-DropPath (docs/design.md Q14): one keep/drop draw per (image, query) token, not per query index shared
+DropPath (docs/design.md Q14): one keep/drop draw per (image, query) token, not per query index
+shared
 across the batch as in the official query-major code.
 """
 
@@ -177,7 +178,8 @@ class MoEBlock(nn.Module):
     MoE block can replace a dense ``FFN`` exactly (upcycling, README "Making the mixture pay").
 
     Tokens are flattened batch-major (``t = b * N + n``) and the image index of every token is
-    passed explicitly (docs/design.md Q2), so capacity per image and the DAMEX targets never depend on a
+    passed explicitly (docs/design.md Q2), so capacity per image and the DAMEX targets never depend
+    on a
     guessed layout.
 
     Args:

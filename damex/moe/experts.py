@@ -380,7 +380,8 @@ class Experts(nn.Module):
 
     Init: every expert is initialized exactly like a fresh dense FFN (``nn.Linear`` defaults).
     The official DAMEX init, where a transformer-wide ``xavier_uniform_`` turns the "disabled"
-    fc2 bias into a frozen random vector (docs/design.md §3.4 Q9), is deliberately **not** reproduced;
+    fc2 bias into a frozen random vector (docs/design.md §3.4 Q9), is deliberately **not**
+    reproduced;
     ``reset_parameters("xavier")`` gives the DINO dense-FFN init (xavier weights, zero biases).
 
     Args:

@@ -1,6 +1,7 @@
 """MoE auxiliary losses: pure functions of :class:`RoutingInfo` (and targets).
 
-* :func:`damex_loss` - DAMEX (Jain et al., NeurIPS 2023; docs/design.md §3.3): cross-entropy of the clean
+* :func:`damex_loss` - DAMEX (Jain et al., NeurIPS 2023; docs/design.md §3.3): cross-entropy of the
+  clean
   router logits against the expert of the token's dataset, mean over tokens, mean over layers.
 * :func:`load_importance_loss` - Shazeer et al. 2017 load + importance, in the tutel / Swin-MoE
   form used by the DINO-MoE baseline (docs/design.md §3.2), or a corrected form.

@@ -1,6 +1,7 @@
 """Dataset -> expert maps: validation, a tensor view, and an automatic proposal from data.
 
-The official code keys its map by the *position* of a dataset on the command line (docs/design.md Q1);
+The official code keys its map by the *position* of a dataset on the command line (docs/design.md
+Q1);
 here maps are keyed by dataset *name*. The user's ``moe.expert_map`` is checked at config load
 (``damex.config``, errors naming the file); ``ExpertMap`` is the run's map built from it once.
 Many datasets may share an expert (the paper's 12 sources on 8 experts).

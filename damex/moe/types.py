@@ -1,4 +1,4 @@
-"""Routing information returned by every MoE layer (docs/design.md §9): plain tensors, no closures."""
+"""Routing information of every MoE layer (docs/design.md §9): plain tensors, no closures."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Routing figures: datasets x experts heatmaps, routing accuracy, boxes coloured by expert.
 
-The heatmap is the likely DAMEX routing plot (docs/design.md §6 item 5): for each MoE layer, the share of
+The heatmap is the likely DAMEX routing plot (docs/design.md §6 item 5): for each MoE layer, the
+share of
 each test dataset's tokens whose top-1 expert is ``e``. Vanilla MoE should look uniform (or
 collapsed onto a few experts); DAMEX near-diagonal, following the dataset -> expert map, which
 is outlined on the mapped cells.

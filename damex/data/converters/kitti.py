@@ -5,7 +5,8 @@ training half of KITTI has labels). Each line has 15 space-separated fields: ``t
 occluded alpha left top right bottom h w l x y z rotation_y``; the 2D box is xyxy in 0-based
 float pixels and is written as ``[left, top, right - left, bottom - top]``.
 
-Class mapping (docs/design.md §4.1 / DAMEX ``voc_to_coco.py``): Car, Van, Truck -> vehicle; Pedestrian,
+Class mapping (docs/design.md §4.1 / DAMEX ``voc_to_coco.py``): Car, Van, Truck -> vehicle;
+Pedestrian,
 Person_sitting -> pedestrian; Cyclist -> cyclist. DontCare regions are dropped (as DAMEX did;
 a COCO ignore region needs a category, and DontCare has none). Tram and Misc are dropped too:
 DAMEX's mapping has no entry for them (its converter would have failed on them, so UODB's
