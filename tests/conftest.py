@@ -39,3 +39,27 @@ def fault_reference_run(
     result = train(config_from_dict(fault_config_dict(fault_synthetic_root, out)))
     assert result.iterations == FAULT_EPOCHS and result.stop_reason == "completed"
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_thread_count():
+    """torch's thread count is process-wide: a test (or the code it runs) must leave it as found."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the process-wide torch thread count changed from {before} to {after}")
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test (as in 1-thread workers), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

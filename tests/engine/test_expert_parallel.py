@@ -210,9 +210,8 @@ def _close(a, b, what: str) -> None:
 
 
 def test_expert_parallel_training_equals_replicated_and_resumes_across_world_sizes(
-    tmp_path: Path,
+    tmp_path: Path, single_thread: None
 ) -> None:
-    torch.set_num_threads(1)
     cfg = _cfg(tmp_path)
     # the single-process run: 2 steps on the full global batches -> the W=1 checkpoint
     model, criterion, optimizer, ddp = _build(cfg, expert_parallel=False)
