@@ -4,9 +4,9 @@ losses and end with the same weights as the uninterrupted run (``fault_reference
 The training processes are forked from one "zygote" process that has imported torch and damex
 once (and has run no torch op, so no thread pool is forked); each fork is a real training
 process that receives a real SIGKILL. Kill points: four at a random delay (0-0.1 s, under one
-iteration on an idle machine) after a checkpoint
-write, one while ``last.pth`` is being written (its temporary file exists). The seed is
-``DAMEX_FAULT_SEED`` (default 0) and is printed in every failure message.
+iteration on an idle machine) after a checkpoint write, one while ``last.pth`` is being written
+(its temporary file exists). The seed is ``DAMEX_FAULT_SEED`` (default 0) and is printed in every
+failure message.
 """
 
 from __future__ import annotations
