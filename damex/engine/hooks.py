@@ -182,15 +182,23 @@ class MetricsLogger(HookBase):
         run_log: the run's metrics writer (no-op on other ranks).
         log_every: steps per record.
         total_iters: planned steps (progress bar, ETA).
+        time_budget_s: ``train.time_budget_min`` in seconds (0: none); caps the ETA.
         enabled: False on other ranks (no bar).
     """
 
     def __init__(
-        self, run_log: RunLogger, *, log_every: int, total_iters: int, enabled: bool
+        self,
+        run_log: RunLogger,
+        *,
+        log_every: int,
+        total_iters: int,
+        enabled: bool,
+        time_budget_s: float = 0.0,
     ) -> None:
         self.run_log = run_log
         self.log_every = log_every
         self.total_iters = total_iters
+        self.time_budget_s = time_budget_s
         self.enabled = enabled
         self.progress: Progress | None = None
         self.window_t0 = 0.0
@@ -202,6 +210,8 @@ class MetricsLogger(HookBase):
             initial=self.trainer.state.iteration,
             enabled=self.enabled,
             log_every=self.log_every,
+            time_budget_s=self.time_budget_s,
+            elapsed_s=self.trainer.state.elapsed_s,
         )
         self.window_t0 = time.perf_counter()
 

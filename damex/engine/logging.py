@@ -156,7 +156,8 @@ class Progress:
         iter 40/200 (20.0%)  loss 12.3456  lr 1.00e-04  2.50 it/s  eta 0:01:04
 
     ``it/s`` is measured over the steps since the previous line, and the ETA is the planned
-    steps left at that rate.
+    steps left at that rate. With a time budget the run ends at whichever comes first: the ETA is
+    capped by the budget left and the percentage is the larger of the step and time fractions.
 
     Args:
         total: planned number of steps.
@@ -165,6 +166,8 @@ class Progress:
         desc: bar label.
         log_every: steps between log lines without a terminal (0: no lines).
         file: the bar's stream (default: ``sys.stderr`` at construction).
+        time_budget_s: training seconds the run may take (0: no time budget).
+        elapsed_s: training seconds already spent (resume).
     """
 
     def __init__(
@@ -176,9 +179,13 @@ class Progress:
         desc: str = "train",
         log_every: int = 0,
         file: IO[str] | None = None,
+        time_budget_s: float = 0.0,
+        elapsed_s: float = 0.0,
     ) -> None:
         self._bar: Any = None
         self._total = total
+        self._budget_s = max(float(time_budget_s), 0.0)
+        self._t0 = time.perf_counter() - float(elapsed_s)  # when training would have started
         self._n = initial
         self._log_every = 0
         self._line_n = initial
@@ -219,8 +226,14 @@ class Progress:
         rate = (self._n - self._line_n) / max(now - self._line_t, 1e-9)
         self._line_n, self._line_t = self._n, now
         left = max(self._total - self._n, 0)
-        eta = _format_seconds(left / rate) if rate > 0 else "?"
-        pct = 100.0 * self._n / self._total if self._total > 0 else 0.0
+        eta_s = left / rate if rate > 0 else math.inf
+        frac = self._n / self._total if self._total > 0 else 0.0
+        if self._budget_s > 0:
+            spent = now - self._t0
+            eta_s = min(eta_s, max(self._budget_s - spent, 0.0))
+            frac = max(frac, min(spent / self._budget_s, 1.0))
+        eta = _format_seconds(eta_s) if math.isfinite(eta_s) else "?"
+        pct = 100.0 * frac
         logger.info(
             "iter %d/%d (%.1f%%)  loss %.4f  lr %.2e  %.2f it/s  eta %s",
             self._n,

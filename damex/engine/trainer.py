@@ -378,6 +378,7 @@ class Trainer:
                 log_every=tcfg.log_every,
                 total_iters=self.total_iters,
                 enabled=self.is_main,
+                time_budget_s=tcfg.time_budget_min * 60.0,
             ),
             Evaluation(eval_every=tcfg.eval_every, epochs=tcfg.epochs),
             PeriodicCheckpoint(checkpoint_every=tcfg.checkpoint_every),

@@ -125,3 +125,18 @@ def test_training_without_a_terminal_logs_progress(
     assert first["eta_s"] == pytest.approx(2 / first["it_s"], abs=1.0, rel=0.02)
     assert lines[-1]["eta_s"] == 0
     assert "it/s]" not in sys.stderr.getvalue()  # no tqdm bar
+
+
+def test_progress_with_a_time_budget_caps_the_eta(caplog: pytest.LogCaptureFixture) -> None:
+    # 1000 planned steps but a 10 s budget of which 6 s were spent before this (resumed) run:
+    # the run ends within 4 s, so the ETA is at most 4 s and progress is at least 60 %
+    with caplog.at_level(logging.INFO, logger="damex.engine.logging"):
+        bar = Progress(
+            total=1000, log_every=1, file=io.StringIO(), time_budget_s=10.0, elapsed_s=6.0
+        )
+        bar.update(1, loss=1.0, lr=1e-4)
+        bar.close()
+    (line,) = _progress_lines(caplog)
+    assert line["total"] == 1000 and line["iter"] == 1
+    assert line["eta_s"] <= 4
+    assert 60.0 <= line["pct"] <= 61.0
