@@ -135,6 +135,7 @@ def _worker(rank: int, port: int, errfile: str) -> None:
     )
     try:
         _check(rank)
+        dist.barrier()  # no rank closes its gloo pairs while the other may still use them
     except BaseException:
         with open(f"{errfile}.{rank}", "w") as f:
             f.write(traceback.format_exc())
