@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from damex.data.synthetic import SPLITS, Box, _union  # one box-union rule for both generators
+
 __all__ = [
     "ALT_DATASETS",
     "ALT_GENERATOR_VERSION",
@@ -56,7 +58,6 @@ __all__ = [
 
 ALT_GENERATOR_VERSION = 1
 ALT_MARKER_FILE = ".damex_synthetic_alt.json"
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 ALT_DATASETS: dict[str, list[str]] = {
     "alt_docs": ["table", "figure", "stamp"],
@@ -72,8 +73,6 @@ _SPLIT_SIZES: dict[str, tuple[int, int, int]] = {
     "alt_night": (60, 20, 40),
     "alt_cells": (30, 20, 40),
 }
-
-Box = tuple[int, int, int, int]
 
 
 def alt_split_sizes(name: str, scale: float = 1.0) -> dict[str, int]:
@@ -131,18 +130,6 @@ def _smooth(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     grid = rng.integers(0, 256, (cells, cells)).astype(np.uint8)
     img = Image.fromarray(grid, "L").resize((w, h), Image.Resampling.BICUBIC)
     return np.asarray(img, np.float32) / 127.5 - 1.0
-
-
-def _union(boxes: list[Box | None]) -> Box | None:
-    real = [b for b in boxes if b is not None]
-    if not real:
-        return None
-    return (
-        min(b[0] for b in real),
-        min(b[1] for b in real),
-        max(b[2] for b in real),
-        max(b[3] for b in real),
-    )
 
 
 # ----------------------------------------------------------------------- documents
