@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from damex.config import Config
-from damex.data.loader import build_test_loaders
 from damex.engine import checkpoint as ckpt
 from damex.engine import distributed as dist_utils
 from damex.engine import expert_parallel
@@ -87,15 +86,7 @@ def evaluate(
             )
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, datasets=list(datasets)))
     model, postprocess, data, _ = load_for_inference(cfg, checkpoint, device=info.device)
-    loaders = build_test_loaders(
-        cfg,
-        data.catalog,
-        data.label_space,
-        None,
-        info.rank,
-        info.world_size,
-        expert_of_dataset=data.expert_of_dataset,
-    )
+    loaders = data.test_loaders(cfg, info.rank, info.world_size)
     results, _ = run_inference(
         model,
         postprocess,

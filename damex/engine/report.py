@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from damex.config import Config
-from damex.data.loader import build_test_loaders, collate
+from damex.data.loader import collate
 from damex.data.transforms import build_transforms
 from damex.engine import distributed as dist_utils
 from damex.engine.inference import run_inference
@@ -133,9 +133,7 @@ def visualize_routing(
     device = dist_utils.resolve_device(cfg.train.device, local_rank)
     model, postprocess, data, _ = load_for_inference(cfg, checkpoint, device=device)
     ls = data.label_space
-    loaders = build_test_loaders(
-        cfg, data.catalog, ls, None, 0, 1, expert_of_dataset=data.expert_of_dataset
-    )
+    loaders = data.test_loaders(cfg)
     if precomputed is not None and precomputed[1] is not None:
         results, stats = precomputed
     else:

@@ -20,6 +20,7 @@ from torch import nn
 from damex.config import Config
 from damex.data.catalog import build_catalog
 from damex.data.label_space import LabelSpace, build_label_space
+from damex.data.loader import build_test_loaders
 from damex.data.synthetic import ensure_benchmark
 from damex.engine import distributed as dist_utils
 from damex.errors import CheckpointError, ConfigError, DamexError
@@ -61,6 +62,18 @@ class RunData:
     label_space: LabelSpace
     expert_map: ExpertMap
     expert_of_dataset: torch.Tensor
+
+    def test_loaders(self, cfg: Config, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+        """One evaluation loader per ``cfg.eval_datasets`` entry (this rank's shard)."""
+        return build_test_loaders(
+            cfg,
+            self.catalog,
+            self.label_space,
+            None,
+            rank,
+            world_size,
+            expert_of_dataset=self.expert_of_dataset,
+        )
 
 
 def run_dataset_names(cfg: Config) -> list[str]:

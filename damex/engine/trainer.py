@@ -65,7 +65,7 @@ from torch import nn
 
 from damex import __version__
 from damex.config import Config, config_to_dict, config_to_yaml, save_config
-from damex.data.loader import build_test_loaders, build_train_loader
+from damex.data.loader import build_train_loader
 from damex.engine import checkpoint as ckpt
 from damex.engine import distributed as dist_utils
 from damex.engine import expert_parallel
@@ -292,15 +292,7 @@ class Trainer:
         self.loader, self.sampler, _ = build_train_loader(
             cfg, data.catalog, data.label_space, data.expert_of_dataset, info.rank, info.world_size
         )  # (CocoDetection checks every label < num_classes at load: DINO#81)
-        self.test_loaders = build_test_loaders(
-            cfg,
-            data.catalog,
-            data.label_space,
-            None,
-            info.rank,
-            info.world_size,
-            expert_of_dataset=data.expert_of_dataset,
-        )
+        self.test_loaders = data.test_loaders(cfg, info.rank, info.world_size)
         ls = data.label_space
         logger.info("label space: %d classes over %s", ls.num_classes, ls.dataset_names)
         logger.info("dataset -> expert: %s", data.expert_map)
