@@ -93,7 +93,7 @@ MoELoss = Literal["damex", "load_importance", "load_importance_corrected", "swit
 TokenSelection = Literal["all", "matching_only", "foreground", "exclude_dn"]  # decoder tokens
 LogitsSource = Literal["clean", "noisy"]  # router logits before / after the training noise
 MoENorm = Literal["pre", "post"]  # MoE sub-block: x + MoE(LN(x)) (DAMEX) | LN(x + MoE(x)) (dense)
-ExpertInit = Literal["independent", "identical"]  # routed experts: own init | copies of one
+ExpertInit = Literal["independent", "identical", "zero_out"]  # own init | copies of one | fc2 = 0
 MoELossSchedule = Literal["constant", "ramp", "decay"]  # MoE loss weight over training
 Schedule = Literal["step", "multistep", "cosine", "time_cosine"]
 AmpMode = Literal["none", "bf16", "fp16"]

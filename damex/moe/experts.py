@@ -482,6 +482,15 @@ class Experts(nn.Module):
                         nn.init.zeros_(layer.bias)
 
     @torch.no_grad()
+    def zero_output_(self) -> None:
+        """Zero every expert's fc2 weight and bias: each expert then outputs 0 (and its fc1
+        gets gradients once fc2 has moved away from 0)."""
+        for expert in self.ffn.values():
+            nn.init.zeros_(expert.fc2.weight)
+            if expert.fc2.bias is not None:
+                nn.init.zeros_(expert.fc2.bias)
+
+    @torch.no_grad()
     def load_dense_(
         self, fc1: nn.Linear, fc2: nn.Linear, experts: Sequence[int] | None = None
     ) -> None:

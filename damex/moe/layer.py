@@ -34,7 +34,7 @@ from damex.moe.types import RoutingInfo
 
 __all__ = ["EXPERT_INITS", "MoEFFN"]
 
-EXPERT_INITS = ("independent", "identical")
+EXPERT_INITS = ("independent", "identical", "zero_out")
 
 
 class MoEFFN(nn.Module):
@@ -75,8 +75,11 @@ class MoEFFN(nn.Module):
         base_experts: experts ``0..B-1`` predate the others (``damex extend``): their gates
             ignore the added experts (:class:`~damex.moe.router.TopKRouter`) and the capacity
             per expert stays the one of ``B`` experts. 0 = off.
-        expert_init: ``"independent"`` (each expert its own random init) or ``"identical"``
-            (all experts copies of expert 0).
+        expert_init: ``"independent"`` (each expert its own random init), ``"identical"``
+            (all experts copies of expert 0) or ``"zero_out"`` (fc2 of every routed expert
+            zero: the routed part starts as 0, so with ``shared_expert`` the layer starts as the
+            shared FFN alone and the routed experts grow as per-dataset residuals, like a
+            zero-initialised residual branch).
     """
 
     def __init__(
@@ -141,6 +144,8 @@ class MoEFFN(nn.Module):
         if expert_init == "identical":
             first = self.experts[0]
             self.experts.load_dense_(first.fc1, first.fc2)
+        elif expert_init == "zero_out":
+            self.experts.zero_output_()
         self.expert_init = expert_init
         self.unit_gate = bool(unit_gate)
         # the shared expert is built after the routed ones so that shared_expert=False leaves

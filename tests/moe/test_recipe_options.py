@@ -83,6 +83,23 @@ def test_identical_experts_start_equal_and_equal_the_dense_ffn() -> None:
         _layer(expert_init="copy")
 
 
+def test_zero_out_experts_start_as_the_shared_ffn_and_then_learn() -> None:
+    torch.manual_seed(0)
+    moe = _layer(expert_init="zero_out", shared_expert=True, unit_gate=True)
+    x = torch.randn(25, 8)
+    y, info = moe(x)
+    assert len(set(info.expert[:, 0].tolist())) > 1
+    # routed part exactly 0 at init: the layer is the shared FFN
+    torch.testing.assert_close(y, moe.shared(x), rtol=0, atol=0)
+    # fc2 of every chosen expert gets a gradient (fc1 none yet: it sits behind a zero fc2)
+    y.pow(2).sum().backward()
+    for e in set(info.expert[:, 0].tolist()):
+        assert moe.experts[e].fc2.weight.grad.abs().sum() > 0
+        assert moe.experts[e].fc1.weight.grad.abs().sum() == 0
+    # the first experts' fc1 keep their independent random init
+    assert not torch.equal(moe.experts[0].fc1.weight, moe.experts[1].fc1.weight)
+
+
 def test_independent_experts_differ() -> None:
     torch.manual_seed(0)
     moe = _layer()
