@@ -1,6 +1,7 @@
 """The single entry point: ``damex <command> ...``; ``tools/*.py`` call into it.
 
-Commands import their heavy dependencies lazily so ``damex --help`` answers at once.
+Commands import their heavy dependencies lazily (the function-local imports below are deliberate)
+so ``damex --help`` answers at once without loading torch.
 """
 
 from __future__ import annotations
@@ -36,17 +37,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="damex",
-        description=(
-            "DAMEX: a DINO detector whose decoder FFNs are dataset-aware mixtures of experts, "
-            "trained on a mixture of datasets."
-        ),
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a detector (default: DAMEX on the built-in benchmark), evaluate it, "
@@ -68,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-report", action="store_true", help="skip the routing report at the end")
 
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="COCO AP per dataset for a checkpoint",
@@ -84,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also report the oracle that restricts scores to each image's dataset labels",
     )
 
+
+def _add_visualize_routing_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "visualize-routing",
         help="datasets x experts heatmaps, routing accuracy and per-image overlays (HTML report)",
@@ -98,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="which decoder tokens to count (default: eval.routing_tokens)",
     )
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="draw detections on an image or a folder of images")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True)
@@ -123,29 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--top", type=int, default=20, help="with --explain: at most this many boxes drawn"
     )
 
-    p = sub.add_parser("config", help="print the resolved config (after _base_ and overrides)")
-    _add_config_args(p)
 
-    p = sub.add_parser("make-synthetic", help="generate the built-in multi-domain benchmark")
-    p.add_argument(
-        "--out", default=None, help="output folder (default: data/synthetic, or with --alt "
-        "data/synthetic_alt, where the catalog looks for the alt_* datasets)"
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies every image count")
-    p.add_argument("--image-size", type=int, default=256, help="longest image side in pixels")
-    p.add_argument(
-        "--alt", action="store_true",
-        help="the second benchmark (damex.data.synthetic_alt: 4 other domains, 10:1 sizes)",
-    )  # fmt: skip
-
-    for name, text in (
-        ("prepare-uodb", "rebuild UODB as COCO JSON from the original releases"),
-        ("make-subsets", "write seeded P%% image subsets (the limited-data fsPerc files)"),
-        ("experiments", "run a multi-seed experiment spec (variants x seeds), resumable; tables"),
-    ):
-        sub.add_parser(name, help=text, add_help=False)  # arguments: see _DELEGATED
-
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a checkpoint to ONNX (normalized image -> boxes, scores, labels, experts)",
@@ -182,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size) and print the largest box/score differences and expert mismatches",
     )
 
+
+def _add_extend_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extend",
         help="add a dataset to a trained model (one more expert, router row, label block)",
@@ -225,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(data.limited, proportional sampling; default 0: new data only)",
     )
 
+
+def _add_propose_map_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "propose-map",
         help="propose a dataset -> expert map (moe.expert_map) by clustering the datasets",
@@ -253,10 +233,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="write the YAML here (default: print only)")
 
+
+def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="speed benchmarks: moe | model")
     p.add_argument("what", choices=["moe", "model"])
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``damex`` parser: one subcommand each, in the order ``damex --help`` lists them."""
+    parser = argparse.ArgumentParser(
+        prog="damex",
+        description=(
+            "DAMEX: a DINO detector whose decoder FFNs are dataset-aware mixtures of experts, "
+            "trained on a mixture of datasets."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_visualize_routing_parser(sub)
+    _add_demo_parser(sub)
+
+    p = sub.add_parser("config", help="print the resolved config (after _base_ and overrides)")
+    _add_config_args(p)
+
+    p = sub.add_parser("make-synthetic", help="generate the built-in multi-domain benchmark")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: data/synthetic, or with --alt "
+        "data/synthetic_alt, where the catalog looks for the alt_* datasets)"
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies every image count")
+    p.add_argument("--image-size", type=int, default=256, help="longest image side in pixels")
+    p.add_argument(
+        "--alt", action="store_true",
+        help="the second benchmark (damex.data.synthetic_alt: 4 other domains, 10:1 sizes)",
+    )  # fmt: skip
+
+    for name, text in (
+        ("prepare-uodb", "rebuild UODB as COCO JSON from the original releases"),
+        ("make-subsets", "write seeded P%% image subsets (the limited-data fsPerc files)"),
+        ("experiments", "run a multi-seed experiment spec (variants x seeds), resumable; tables"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)  # arguments: see _DELEGATED
+
+    _add_export_parser(sub)
+    _add_extend_parser(sub)
+    _add_propose_map_parser(sub)
+    _add_benchmark_parser(sub)
     return parser
 
 
