@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import stochastic_depth
 
 from damex.modeling.deform_attn import MSDeformAttn
 from damex.modeling.denoising import DenoisingQueries, build_self_attn_mask
@@ -119,17 +120,14 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
 
     Args:
         x: ``[B, N, D]`` (one draw per (image, query) token; docs/design.md Q14).
-        p: drop probability.
+        p: drop probability in ``[0, 1]`` (``ValueError`` outside).
         training: identity when False.
 
     Returns:
         ``[B, N, D]``.
     """
-    if p <= 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = torch.empty(x.shape[:-1] + (1,), device=x.device, dtype=x.dtype).bernoulli_(keep)
-    return x * mask / keep
+    # torchvision's "row" mode draws once per index of dim 0, so one row per token: [B*N, D]
+    return stochastic_depth(x.reshape(-1, x.shape[-1]), p, "row", training).reshape(x.shape)
 
 
 @dataclass

@@ -92,6 +92,27 @@ def test_drop_path_is_per_token_and_scaled():
     assert torch.equal(drop_path(x, 0.5, training=False), x)
 
 
+def test_drop_path_equals_the_hand_written_per_token_formula():
+    """torchvision's stochastic_depth on [B*N, D] rows = the former per-token formula."""
+
+    def reference(x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = 1.0 - p
+        mask = torch.empty(x.shape[:-1] + (1,), dtype=x.dtype).bernoulli_(keep)  # [B, N, 1]
+        return x * mask / keep
+
+    x = torch.randn(3, 7, 5)  # [B, N, D]
+    for p in (0.1, 0.2, 0.5, 0.9):
+        torch.manual_seed(1)
+        expected = reference(x, p)
+        torch.manual_seed(1)
+        torch.testing.assert_close(drop_path(x, p, training=True), expected, rtol=1e-6, atol=0)
+    assert torch.equal(drop_path(x, 0.0, training=True), x)
+    assert torch.equal(drop_path(x, 0.2, training=False), x)
+    gen_state = torch.get_rng_state()
+    drop_path(x, 0.2, training=False)  # eval draws nothing
+    assert torch.equal(torch.get_rng_state(), gen_state)
+
+
 def test_dense_ffn_is_post_norm():
     torch.manual_seed(0)
     ffn = FFN(d_model=D, hidden_dim=64)
