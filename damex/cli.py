@@ -264,14 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-synthetic", help="generate the built-in multi-domain benchmark")
     p.add_argument(
         "--out", default=None, help="output folder (default: data/synthetic, or with --alt "
-        "data/synthetic_alt, where the catalog looks for the alt_* datasets)"
+        "data/synthetic_alt / with --conflict data/synthetic_conflict, where the catalog looks "
+        "for the alt_* / conf_* datasets)"
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every image count")
     p.add_argument("--image-size", type=int, default=256, help="longest image side in pixels")
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
         "--alt", action="store_true",
         help="the second benchmark (damex.data.synthetic_alt: 4 other domains, 10:1 sizes)",
+    )  # fmt: skip
+    which.add_argument(
+        "--conflict", action="store_true",
+        help="the domain-conflict benchmark (damex.data.synthetic_conflict: the same shapes "
+        "under different label blocks in different styles, plus a control dataset)",
     )  # fmt: skip
 
     for name, text in (
@@ -463,7 +470,8 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     from damex.data.synthetic import generate_benchmark
     from damex.errors import DatasetError
 
-    out = args.out or ("data/synthetic_alt" if args.alt else "data/synthetic")
+    default = "data/synthetic_conflict" if args.conflict else "data/synthetic"
+    out = args.out or ("data/synthetic_alt" if args.alt else default)
     if Path(out).exists() and not Path(out).is_dir():
         raise DatasetError(f"--out {out} is a file; expected a folder for the benchmark")
 
@@ -471,6 +479,12 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
         from damex.data.synthetic_alt import generate_alt_benchmark
 
         summary = generate_alt_benchmark(
+            Path(out), seed=args.seed, scale=args.scale, image_size=args.image_size
+        )
+    elif args.conflict:
+        from damex.data.synthetic_conflict import generate_conflict_benchmark
+
+        summary = generate_conflict_benchmark(
             Path(out), seed=args.seed, scale=args.scale, image_size=args.image_size
         )
     else:

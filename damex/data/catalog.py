@@ -10,6 +10,8 @@ Built-in layout (see data/README.md)::
     {data.root}/uodb/NAME/annotations/{train,test}.json    images: {data.root}/uodb/NAME/images
     {synthetic.root}/NAME/annotations/{train,val,test}.json  images: {synthetic.root}/NAME/images
     {data.root}/synthetic_alt/alt_*/annotations/{train,val,test}.json   (damex.data.synthetic_alt)
+    {data.root}/synthetic_conflict/conf_*/annotations/{train,val,test}.json
+                                                            (damex.data.synthetic_conflict)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from damex.config import DataConfig, DatasetEntry
 from damex.data.synthetic import SPLITS, SYNTHETIC_DATASETS
 from damex.data.synthetic_alt import ALT_DATASETS
 from damex.data.synthetic_alt import SPLITS as ALT_SPLITS
+from damex.data.synthetic_conflict import CONFLICT_DATASETS
 from damex.data.uodb import UODB_CLASSES, UODB_DATASETS, UODB_NUM_SLOTS, UODB_TEST_SCALES
 from damex.errors import ConfigError, DatasetError
 
@@ -186,6 +189,19 @@ def _builtin_synthetic_alt(root: Path) -> dict[str, DatasetSpec]:
     }
 
 
+def _builtin_synthetic_conflict(root: Path) -> dict[str, DatasetSpec]:
+    """The domain-conflict benchmark (``damex.data.synthetic_conflict``) under ``root``."""
+    return {
+        name: DatasetSpec(
+            name=name,
+            image_root=root / name / "images",
+            splits={s: root / name / "annotations" / f"{s}.json" for s in SPLITS},
+            classes=list(classes),
+        )
+        for name, classes in CONFLICT_DATASETS.items()
+    }
+
+
 def _resolve(root: Path, path: str) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else root / p
@@ -250,6 +266,7 @@ def build_catalog(data_cfg: DataConfig) -> DatasetCatalog:
     specs = _builtin_uodb(root)
     specs.update(_builtin_synthetic(Path(data_cfg.synthetic.root).expanduser()))
     specs.update(_builtin_synthetic_alt(root / "synthetic_alt"))
+    specs.update(_builtin_synthetic_conflict(root / "synthetic_conflict"))
     for name, entry in data_cfg.datasets.items():
         specs[name] = _apply_entry(name, entry, root, specs.get(name))
     return DatasetCatalog(specs)

@@ -10,6 +10,7 @@ from damex.config import DataConfig, DatasetEntry, SyntheticConfig, config_from_
 from damex.data.catalog import DatasetCatalog, DatasetSpec, build_catalog, uodb_train_scales
 from damex.data.synthetic import SPLITS, SYNTHETIC_DATASETS
 from damex.data.synthetic_alt import ALT_DATASETS
+from damex.data.synthetic_conflict import CONFLICT_DATASETS
 from damex.data.uodb import UODB_CLASSES, UODB_DATASETS, UODB_TEST_SCALES
 from damex.errors import ConfigError, DatasetError
 
@@ -67,7 +68,9 @@ def test_unknown_name_lists_known_and_closest(tmp_path: Path) -> None:
     assert "coco" in msg and "syn_medical" in msg
     with pytest.raises(DatasetError, match="Known datasets"):
         cat["nothing_like_it_at_all_xyz"]
-    builtin = len(UODB_DATASETS) + len(SYNTHETIC_DATASETS) + len(ALT_DATASETS)
+    builtin = (
+        len(UODB_DATASETS) + len(SYNTHETIC_DATASETS) + len(ALT_DATASETS) + len(CONFLICT_DATASETS)
+    )
     assert "coco" in cat and "cocoo" not in cat and len(cat) == builtin
 
 
