@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,22 @@ from torch import nn
 
 from damex.config import FFNKind, ModelConfig, MoEConfig, choices
 from damex.errors import ConfigError
+from damex.modeling.backbone import Backbone, ChannelMapper
+from damex.modeling.deform_attn import MSDeformAttn
+from damex.modeling.dense_head import DenseHead
+from damex.modeling.dino import DINO
+from damex.modeling.transformer import (
+    FFN,
+    BoxHead,
+    ClassHead,
+    DecoderLayer,
+    DeformableDecoder,
+    DeformableEncoder,
+    DeformableTransformer,
+    EncoderLayer,
+    MoEBlock,
+)
+from damex.moe import MoEFFN
 
 __all__ = ["build_model"]
 
@@ -71,9 +88,6 @@ def _expert_parallel_group(moe_cfg: MoEConfig) -> dist.ProcessGroup | None:
 def _build_moe_block(
     model_cfg: ModelConfig, moe_cfg: MoEConfig, group: dist.ProcessGroup | None
 ) -> nn.Module:
-    from damex.modeling.transformer import MoEBlock
-    from damex.moe import MoEFFN
-
     moe = MoEFFN(
         d_model=model_cfg.d_model,
         hidden_dim=model_cfg.dim_feedforward,
@@ -96,6 +110,122 @@ def _build_moe_block(
     )
     return MoEBlock(
         moe=moe, d_model=model_cfg.d_model, drop_path=moe_cfg.drop_path, norm=moe_cfg.norm
+    )
+
+
+def _build_backbone(m: ModelConfig) -> Backbone:
+    bcfg = m.backbone
+    try:
+        return Backbone(
+            name=bcfg.name,
+            return_strides=tuple(bcfg.return_strides),
+            frozen_stages=bcfg.frozen_stages,
+            frozen_bn=bcfg.frozen_bn,
+            weights=bcfg.weights,
+        )
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise ConfigError(f"model.backbone: {exc}") from exc
+
+
+def _build_encoder(m: ModelConfig) -> DeformableEncoder:
+    return DeformableEncoder(
+        layers=[
+            EncoderLayer(
+                d_model=m.d_model,
+                n_heads=m.nheads,
+                n_levels=m.num_feature_levels,
+                n_points=m.enc_n_points,
+                dim_feedforward=m.dim_feedforward,
+                dropout=m.dropout,
+            )
+            for _ in range(m.enc_layers)
+        ]
+    )
+
+
+def _build_decoder(
+    m: ModelConfig, moe_cfg: MoEConfig, group: dist.ProcessGroup | None, num_classes: int
+) -> DeformableDecoder:
+    """One decoder layer per ``model.decoder_ffn`` entry (MoE or dense FFN), then the heads."""
+    layers = []
+    for kind in m.decoder_ffn:
+        if kind == "moe":
+            ffn = _build_moe_block(m, moe_cfg, group)
+        else:
+            ffn = FFN(d_model=m.d_model, hidden_dim=m.dim_feedforward, dropout=m.dropout)
+        layers.append(
+            DecoderLayer(
+                self_attn=nn.MultiheadAttention(
+                    m.d_model, m.nheads, dropout=m.dropout, batch_first=True
+                ),
+                cross_attn=MSDeformAttn(
+                    d_model=m.d_model,
+                    n_levels=m.num_feature_levels,
+                    n_heads=m.nheads,
+                    n_points=m.dec_n_points,
+                ),
+                ffn=ffn,
+                d_model=m.d_model,
+                dropout=m.dropout,
+            )
+        )
+    return DeformableDecoder(
+        layers=layers,
+        d_model=m.d_model,
+        class_head=ClassHead(d_model=m.d_model, num_classes=num_classes),
+        box_head=BoxHead(d_model=m.d_model),
+    )
+
+
+def _build_dense_head(m: ModelConfig, num_classes: int, strides: Sequence[int]) -> DenseHead | None:
+    accel = m.accel
+    if not accel.dense_head:
+        return None
+    dense_head = DenseHead(d_model=m.d_model, num_classes=num_classes, strides=strides)
+    if accel.dense_head_queries > 0:
+        logger.warning(
+            "model.accel.dense_head_queries=%d is not implemented; the dense head trains the "
+            "encoder through its loss only",
+            accel.dense_head_queries,
+        )
+    return dense_head
+
+
+def _sync_rng_across_ranks() -> None:
+    """Give every rank rank 0's RNG state: expert shards must come from one RNG stream.
+
+    DDP only broadcasts the shared weights, so the ranks' shards together are the model a
+    single process would build only if every rank draws from the same stream.
+    """
+    rng = [torch.get_rng_state() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(rng, src=0)
+    torch.set_rng_state(rng[0])
+
+
+def _log_built(
+    model: nn.Module, m: ModelConfig, moe_cfg: MoEConfig, group: dist.ProcessGroup | None
+) -> None:
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if group is not None:
+        logger.info(
+            "expert parallelism: %d of %d experts per MoE layer on rank %d of %d",
+            moe_cfg.num_experts // dist.get_world_size(group),
+            moe_cfg.num_experts,
+            dist.get_rank(group),
+            dist.get_world_size(group),
+        )
+    logger.info(
+        "built DINO: %s, d=%d, %d enc / %d dec layers (%s), %d queries, %.2fM params "
+        "(%.2fM trainable)",
+        m.backbone.name,
+        m.d_model,
+        m.enc_layers,
+        m.dec_layers,
+        ",".join(m.decoder_ffn),
+        m.num_queries,
+        n_params / 1e6,
+        n_train / 1e6,
     )
 
 
@@ -125,84 +255,19 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, num_classes: int) ->
     if "moe" in model_cfg.decoder_ffn:
         group = _expert_parallel_group(moe_cfg)
     if group is not None:
-        # expert shards must come from one RNG stream (DDP only broadcasts the shared weights)
-        rng = [torch.get_rng_state() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(rng, src=0)
-        torch.set_rng_state(rng[0])
-    from damex.modeling.backbone import Backbone, ChannelMapper
-    from damex.modeling.deform_attn import MSDeformAttn
-    from damex.modeling.dense_head import DenseHead
-    from damex.modeling.dino import DINO
-    from damex.modeling.transformer import (
-        FFN,
-        BoxHead,
-        ClassHead,
-        DecoderLayer,
-        DeformableDecoder,
-        DeformableEncoder,
-        DeformableTransformer,
-        EncoderLayer,
-    )
+        _sync_rng_across_ranks()
 
+    # construction order is the parameter-initialization order (seeded runs depend on it)
     m = model_cfg
-    bcfg = m.backbone
-    try:
-        backbone = Backbone(
-            name=bcfg.name,
-            return_strides=tuple(bcfg.return_strides),
-            frozen_stages=bcfg.frozen_stages,
-            frozen_bn=bcfg.frozen_bn,
-            weights=bcfg.weights,
-        )
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        raise ConfigError(f"model.backbone: {exc}") from exc
+    backbone = _build_backbone(m)
     neck = ChannelMapper(
         in_channels=backbone.channels,
         in_strides=backbone.strides,
         d_model=m.d_model,
         num_levels=m.num_feature_levels,
     )
-    encoder = DeformableEncoder(
-        layers=[
-            EncoderLayer(
-                d_model=m.d_model,
-                n_heads=m.nheads,
-                n_levels=m.num_feature_levels,
-                n_points=m.enc_n_points,
-                dim_feedforward=m.dim_feedforward,
-                dropout=m.dropout,
-            )
-            for _ in range(m.enc_layers)
-        ]
-    )
-    layers = []
-    for kind in m.decoder_ffn:
-        if kind == "moe":
-            ffn = _build_moe_block(m, moe_cfg, group)
-        else:
-            ffn = FFN(d_model=m.d_model, hidden_dim=m.dim_feedforward, dropout=m.dropout)
-        layers.append(
-            DecoderLayer(
-                self_attn=nn.MultiheadAttention(
-                    m.d_model, m.nheads, dropout=m.dropout, batch_first=True
-                ),
-                cross_attn=MSDeformAttn(
-                    d_model=m.d_model,
-                    n_levels=m.num_feature_levels,
-                    n_heads=m.nheads,
-                    n_points=m.dec_n_points,
-                ),
-                ffn=ffn,
-                d_model=m.d_model,
-                dropout=m.dropout,
-            )
-        )
-    decoder = DeformableDecoder(
-        layers=layers,
-        d_model=m.d_model,
-        class_head=ClassHead(d_model=m.d_model, num_classes=num_classes),
-        box_head=BoxHead(d_model=m.d_model),
-    )
+    encoder = _build_encoder(m)
+    decoder = _build_decoder(m, moe_cfg, group, num_classes)
     accel = m.accel
     transformer = DeformableTransformer(
         encoder=encoder,
@@ -215,15 +280,7 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, num_classes: int) ->
         one_to_many_queries=accel.one_to_many_queries if accel.one_to_many else 0,
         pe_temperature=m.pe_temperature,
     )
-    dense_head = None
-    if accel.dense_head:
-        dense_head = DenseHead(d_model=m.d_model, num_classes=num_classes, strides=neck.strides)
-        if accel.dense_head_queries > 0:
-            logger.warning(
-                "model.accel.dense_head_queries=%d is not implemented; the dense head trains the "
-                "encoder through its loss only",
-                accel.dense_head_queries,
-            )
+    dense_head = _build_dense_head(m, num_classes, neck.strides)
     dn = m.dn
     label_embed = nn.Embedding(num_classes + 1, m.d_model) if dn.enabled and dn.number > 0 else None
     model = DINO(
@@ -239,26 +296,5 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, num_classes: int) ->
         pixel_std=tuple(m.pixel_std),
         dense_head=dense_head,
     )
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if group is not None:
-        logger.info(
-            "expert parallelism: %d of %d experts per MoE layer on rank %d of %d",
-            moe_cfg.num_experts // dist.get_world_size(group),
-            moe_cfg.num_experts,
-            dist.get_rank(group),
-            dist.get_world_size(group),
-        )
-    logger.info(
-        "built DINO: %s, d=%d, %d enc / %d dec layers (%s), %d queries, %.2fM params "
-        "(%.2fM trainable)",
-        bcfg.name,
-        m.d_model,
-        m.enc_layers,
-        m.dec_layers,
-        ",".join(m.decoder_ffn),
-        m.num_queries,
-        n_params / 1e6,
-        n_train / 1e6,
-    )
+    _log_built(model, m, moe_cfg, group)
     return model
