@@ -25,6 +25,7 @@ import io
 import logging
 import re
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,10 @@ from PIL import Image
 
 from damex.data.converters.common import (
     BadRecord,
+    CocoBuilder,
     ConversionReport,
     ImageRecord,
+    Issues,
     ObjectRecord,
     OnBadSample,
     OutOfBounds,
@@ -119,6 +122,161 @@ def _encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_Rows = list[tuple[int, dict[str, str]]]  # (CSV line, row) of one File_name
+
+
+def _group_rows(
+    csv_path: Path, subsets: Collection[int], drop_noisy: bool, builder: CocoBuilder
+) -> dict[str, _Rows]:
+    """Read ``DL_info.csv``: File_name -> its rows of the requested subsets, in file order.
+
+    Malformed rows go to ``builder.issues``; ``Possibly_noisy`` rows dropped with
+    ``drop_noisy`` are counted in ``builder.report``.
+    """
+    report, issues = builder.report, builder.issues
+    try:
+        text = read_text(csv_path)
+    except BadRecord as bad:
+        raise DatasetError(str(bad)) from None
+    reader = csv.DictReader(io.StringIO(text), skipinitialspace=False)
+    header = reader.fieldnames or []
+    missing = [c for c in _REQUIRED if c not in header]
+    if missing:
+        raise DatasetError(f"{csv_path}:1: header lacks columns {missing}; got {header}")
+
+    groups: dict[str, _Rows] = {}
+    for row in reader:
+        lineno = reader.line_num
+        where = f"{csv_path}:{lineno}"
+        try:
+            if None in row or any(v is None for v in row.values()):
+                raise BadRecord(
+                    where,
+                    f"expected {len(header)} comma-separated fields like the header",
+                    "malformed row",
+                )
+            try:
+                subset = int(row["Train_Val_Test"])
+            except ValueError:
+                raise BadRecord(
+                    where,
+                    f"Train_Val_Test must be 1, 2 or 3, got {row['Train_Val_Test']!r}",
+                    "malformed row",
+                ) from None
+        except BadRecord as bad:
+            issues.handle(bad)
+            continue
+        if subset not in subsets:
+            continue
+        if drop_noisy and row.get("Possibly_noisy", "0").strip() == "1":
+            report.skip("possibly noisy", where)
+            continue
+        groups.setdefault(row["File_name"].strip(), []).append((lineno, row))
+    return groups
+
+
+def _windowed_pixels(
+    src: Path,
+    slice_no: int,
+    window: tuple[float, float],
+    size: tuple[int, int],
+    where: str,
+    context_slices: bool,
+) -> np.ndarray:
+    """The 8-bit image of a key slice: ``[H, W]``, or ``[H, W, 3]`` with its neighbours.
+
+    Args:
+        src: the key slice's 16-bit PNG.
+        slice_no: its slice number (the neighbours are ``slice_no -/+ 1`` in its folder).
+        window: the row's DICOM window ``(low, high)`` in HU.
+        size: ``(width, height)`` from ``Image_size``, checked against the PNG.
+        where: ``csv:line`` for errors.
+        context_slices: stack (slice - 1, slice, slice + 1) as RGB (a missing or differently
+            sized neighbour is replaced by the key slice).
+    """
+    low, high = window
+    width, height = size
+    raw = _read_slice(src, where)
+    if raw.shape != (height, width):
+        raise BadRecord(
+            where,
+            f"{src}: image is {raw.shape[1]}x{raw.shape[0]}, Image_size says {width}x{height}",
+            "size mismatch",
+        )
+    key = window_hu(raw, low, high)
+    if not context_slices:
+        return key  # [H, W]
+    chans = []
+    for offset in (-1, 1):
+        neighbour = src.with_name(f"{slice_no + offset:03d}.png")
+        if neighbour.is_file():
+            data = _read_slice(neighbour, where)
+            chans.append(window_hu(data, low, high) if data.shape == raw.shape else key)
+        else:
+            chans.append(key)
+    return np.stack([chans[0], key, chans[1]], axis=-1)  # [H, W, 3]
+
+
+def _lesion_boxes(csv_path: Path, rows: _Rows, issues: Issues) -> list[ObjectRecord]:
+    """One lesion box per row; a malformed ``Bounding_boxes`` goes to ``issues``."""
+    objects = []
+    for lineno, row in rows:
+        where = f"{csv_path}:{lineno}"
+        try:
+            x0, y0, x1, y1 = _floats(row["Bounding_boxes"], 4, where, "Bounding_boxes")
+        except BadRecord as bad:
+            issues.handle(bad)
+            continue
+        objects.append(ObjectRecord(where=where, category_id=1, x0=x0, y0=y0, x1=x1, y1=y1))
+    return objects
+
+
+@dataclass(frozen=True)
+class _KeySliceParser:
+    """``parse`` for :func:`convert_records`: one key slice -> its 8-bit PNG and its record.
+
+    The PNG is written (under ``out_image_dir``) unless it exists already, here or in
+    ``reuse_image_dir``, and ``overwrite_images`` is off.
+    """
+
+    csv_path: Path
+    images_dir: Path
+    out_image_dir: Path
+    reuse_image_dir: Path | None
+    overwrite_images: bool
+    context_slices: bool
+    groups: dict[str, _Rows]
+    issues: Issues
+
+    def __call__(self, file_name: str) -> ImageRecord:
+        rows = self.groups[file_name]
+        first = f"{self.csv_path}:{rows[0][0]}"
+        try:
+            src, folder, slice_no = deeplesion_source_path(self.images_dir, file_name)
+        except ValueError as exc:
+            raise BadRecord(first, str(exc), "malformed row") from None
+        width, height = (int(v) for v in _floats(rows[0][1]["Image_size"], 2, first, "Image_size"))
+        low, high = _floats(rows[0][1]["DICOM_windows"], 2, first, "DICOM_windows")
+        if not high > low:
+            raise BadRecord(
+                first,
+                f"DICOM_windows must have high > low, got ({low:g}, {high:g})",
+                "malformed row",
+            )
+        rel = f"{folder}/{src.name}"
+        dst = self.out_image_dir / rel
+        reuse = self.reuse_image_dir
+        done = dst.is_file() or (reuse is not None and (reuse / rel).is_file())
+        if self.overwrite_images or not done:
+            pixels = _windowed_pixels(
+                src, slice_no, (low, high), (width, height), first, self.context_slices
+            )
+            write_bytes_atomic(dst, _encode_png(pixels))
+        record = ImageRecord(where=first, file_name=rel, width=width, height=height)
+        record.objects.extend(_lesion_boxes(self.csv_path, rows, self.issues))
+        return record
+
+
 def convert_deeplesion(
     csv_path: Path,
     images_dir: Path,
@@ -178,101 +336,18 @@ def convert_deeplesion(
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from {csv_path.name} (subsets {sorted(subsets)})",
     )
-    report, issues = builder.report, builder.issues
-    try:
-        text = read_text(csv_path)
-    except BadRecord as bad:
-        raise DatasetError(str(bad)) from None
-    reader = csv.DictReader(io.StringIO(text), skipinitialspace=False)
-    header = reader.fieldnames or []
-    missing = [c for c in _REQUIRED if c not in header]
-    if missing:
-        raise DatasetError(f"{csv_path}:1: header lacks columns {missing}; got {header}")
+    groups = _group_rows(csv_path, subsets, drop_noisy, builder)
 
-    # File_name -> [(line, row)], for the rows of the requested subsets.
-    groups: dict[str, list[tuple[int, dict[str, str]]]] = {}
-    for row in reader:
-        lineno = reader.line_num
-        where = f"{csv_path}:{lineno}"
-        try:
-            if None in row or any(v is None for v in row.values()):
-                raise BadRecord(
-                    where,
-                    f"expected {len(header)} comma-separated fields like the header",
-                    "malformed row",
-                )
-            try:
-                subset = int(row["Train_Val_Test"])
-            except ValueError:
-                raise BadRecord(
-                    where,
-                    f"Train_Val_Test must be 1, 2 or 3, got {row['Train_Val_Test']!r}",
-                    "malformed row",
-                ) from None
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
-        if subset not in subsets:
-            continue
-        if drop_noisy and row.get("Possibly_noisy", "0").strip() == "1":
-            report.skip("possibly noisy", where)
-            continue
-        groups.setdefault(row["File_name"].strip(), []).append((lineno, row))
-
-    def parse(file_name: str) -> ImageRecord:
-        rows = groups[file_name]
-        first = f"{csv_path}:{rows[0][0]}"
-        try:
-            src, folder, slice_no = deeplesion_source_path(images_dir, file_name)
-        except ValueError as exc:
-            raise BadRecord(first, str(exc), "malformed row") from None
-        width, height = (int(v) for v in _floats(rows[0][1]["Image_size"], 2, first, "Image_size"))
-        low, high = _floats(rows[0][1]["DICOM_windows"], 2, first, "DICOM_windows")
-        if not high > low:
-            raise BadRecord(
-                first,
-                f"DICOM_windows must have high > low, got ({low:g}, {high:g})",
-                "malformed row",
-            )
-        rel = f"{folder}/{src.name}"
-        dst = out_image_dir / rel
-        done = dst.is_file() or (reuse_image_dir is not None and (reuse_image_dir / rel).is_file())
-        if overwrite_images or not done:
-            raw = _read_slice(src, first)
-            if raw.shape != (height, width):
-                raise BadRecord(
-                    first,
-                    f"{src}: image is {raw.shape[1]}x{raw.shape[0]}, Image_size says "
-                    f"{width}x{height}",
-                    "size mismatch",
-                )
-            key = window_hu(raw, low, high)
-            if context_slices:
-                chans = []
-                for offset in (-1, 1):
-                    neighbour = src.with_name(f"{slice_no + offset:03d}.png")
-                    if neighbour.is_file():
-                        data = _read_slice(neighbour, first)
-                        chans.append(window_hu(data, low, high) if data.shape == raw.shape else key)
-                    else:
-                        chans.append(key)
-                pixels = np.stack([chans[0], key, chans[1]], axis=-1)  # [H, W, 3]
-            else:
-                pixels = key  # [H, W]
-            write_bytes_atomic(dst, _encode_png(pixels))
-        record = ImageRecord(where=first, file_name=rel, width=width, height=height)
-        for lineno, row in rows:
-            where = f"{csv_path}:{lineno}"
-            try:
-                x0, y0, x1, y1 = _floats(row["Bounding_boxes"], 4, where, "Bounding_boxes")
-            except BadRecord as bad:
-                issues.handle(bad)
-                continue
-            record.objects.append(
-                ObjectRecord(where=where, category_id=1, x0=x0, y0=y0, x1=x1, y1=y1)
-            )
-        return record
-
+    parse = _KeySliceParser(
+        csv_path=csv_path,
+        images_dir=images_dir,
+        out_image_dir=out_image_dir,
+        reuse_image_dir=reuse_image_dir,
+        overwrite_images=overwrite_images,
+        context_slices=context_slices,
+        groups=groups,
+        issues=builder.issues,
+    )
     return convert_records(
         builder,
         sorted(groups),
