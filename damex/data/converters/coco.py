@@ -24,6 +24,7 @@ from typing import Any
 from damex.data.coco_json import load_coco_json
 from damex.data.converters.common import (
     BadRecord,
+    CocoBuilder,
     ConversionReport,
     OnBadSample,
     OutOfBounds,
@@ -62,6 +63,95 @@ def _check_categories(path: Path, categories: list[Mapping[str, Any]]) -> list[t
             )
         out.append((cid, name))
     return sorted(out)
+
+
+def _add_images(
+    builder: CocoBuilder,
+    json_in: Path,
+    images: list[Mapping[str, Any]],
+    excluded: set[int],
+    file_name_fn: Callable[[str, int], str] | None,
+) -> dict[int, tuple[int, int]]:
+    """Add the kept ``images[]`` to ``builder``; returns image id -> ``(width, height)``."""
+    sizes: dict[int, tuple[int, int]] = {}
+    for k, img in enumerate(images):
+        where = f"{json_in} images[{k}]"
+        try:
+            try:
+                image_id, name = int(img["id"]), str(img["file_name"])
+                width, height = int(img["width"]), int(img["height"])
+            except (KeyError, TypeError, ValueError):
+                raise BadRecord(
+                    where, "needs int 'id', 'width', 'height' and a 'file_name'", "malformed entry"
+                ) from None
+            if width <= 0 or height <= 0:
+                raise BadRecord(
+                    where, f"size must be positive, got {width}x{height}", "malformed entry"
+                )
+        except BadRecord as bad:
+            builder.issues.handle(bad)
+            continue
+        if image_id in excluded:
+            continue
+        if file_name_fn is not None:
+            name = file_name_fn(name, image_id)
+        builder.add_image(file_name=name, width=width, height=height, image_id=image_id)
+        sizes[image_id] = (width, height)
+    return sizes
+
+
+def _add_annotations(
+    builder: CocoBuilder,
+    json_in: Path,
+    anns: list[Mapping[str, Any]],
+    sizes: Mapping[int, tuple[int, int]],
+    excluded: set[int],
+    *,
+    keep_segmentation: bool,
+    progress: bool,
+) -> set[int]:
+    """Add the boxes of the kept images to ``builder``; returns the ids of images given a box."""
+    with_boxes: set[int] = set()
+    for k, ann in enumerate(progress_bar(anns, builder.report, progress)):
+        where = f"{json_in} annotations[{k}]"
+        try:
+            try:
+                ann_id, image_id = int(ann["id"]), int(ann["image_id"])
+                category_id = int(ann["category_id"])
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                iscrowd = int(ann.get("iscrowd", 0))
+                area = float(ann["area"]) if "area" in ann else None
+            except (KeyError, TypeError, ValueError):
+                raise BadRecord(
+                    where,
+                    "needs int 'id', 'image_id', 'category_id' and 'bbox' [x, y, w, h]",
+                    "malformed entry",
+                ) from None
+            where = f"{where} (id {ann_id})"
+            if image_id in excluded:
+                continue
+            if image_id not in sizes:
+                raise BadRecord(
+                    where, f"image_id {image_id} is not in images[]", "unknown image id"
+                )
+            written = builder.add_box(
+                image_id=image_id,
+                category_id=category_id,
+                xyxy=(x, y, x + w, y + h),
+                image_size=sizes[image_id],
+                where=where,
+                iscrowd=iscrowd,
+                area=area,
+                ann_id=ann_id,
+            )
+        except BadRecord as bad:
+            builder.issues.handle(bad)
+            continue
+        if written:
+            with_boxes.add(image_id)
+            if keep_segmentation and "segmentation" in ann:
+                builder.annotations[-1]["segmentation"] = ann["segmentation"]
+    return with_boxes
 
 
 def convert_coco(
@@ -112,73 +202,18 @@ def convert_coco(
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} from {json_in.name}",
     )
-    report, issues = builder.report, builder.issues
+    report = builder.report
     excluded = {int(i) for i in exclude_image_ids}
-    sizes: dict[int, tuple[int, int]] = {}
-    for k, img in enumerate(data["images"]):
-        where = f"{json_in} images[{k}]"
-        try:
-            try:
-                image_id, name = int(img["id"]), str(img["file_name"])
-                width, height = int(img["width"]), int(img["height"])
-            except (KeyError, TypeError, ValueError):
-                raise BadRecord(
-                    where, "needs int 'id', 'width', 'height' and a 'file_name'", "malformed entry"
-                ) from None
-            if width <= 0 or height <= 0:
-                raise BadRecord(
-                    where, f"size must be positive, got {width}x{height}", "malformed entry"
-                )
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
-        if image_id in excluded:
-            continue
-        if file_name_fn is not None:
-            name = file_name_fn(name, image_id)
-        builder.add_image(file_name=name, width=width, height=height, image_id=image_id)
-        sizes[image_id] = (width, height)
-    with_boxes: set[int] = set()
-    anns = data["annotations"]
-    for k, ann in enumerate(progress_bar(anns, report, progress)):
-        where = f"{json_in} annotations[{k}]"
-        try:
-            try:
-                ann_id, image_id = int(ann["id"]), int(ann["image_id"])
-                category_id = int(ann["category_id"])
-                x, y, w, h = (float(v) for v in ann["bbox"])
-                iscrowd = int(ann.get("iscrowd", 0))
-                area = float(ann["area"]) if "area" in ann else None
-            except (KeyError, TypeError, ValueError):
-                raise BadRecord(
-                    where,
-                    "needs int 'id', 'image_id', 'category_id' and 'bbox' [x, y, w, h]",
-                    "malformed entry",
-                ) from None
-            where = f"{where} (id {ann_id})"
-            if image_id in excluded:
-                continue
-            if image_id not in sizes:
-                raise BadRecord(
-                    where, f"image_id {image_id} is not in images[]", "unknown image id"
-                )
-            written = builder.add_box(
-                image_id=image_id,
-                category_id=category_id,
-                xyxy=(x, y, x + w, y + h),
-                image_size=sizes[image_id],
-                where=where,
-                iscrowd=iscrowd,
-                area=area,
-                ann_id=ann_id,
-            )
-        except BadRecord as bad:
-            issues.handle(bad)
-            continue
-        if written:
-            with_boxes.add(image_id)
-            if keep_segmentation and "segmentation" in ann:
-                builder.annotations[-1]["segmentation"] = ann["segmentation"]
+    sizes = _add_images(builder, json_in, data["images"], excluded, file_name_fn)
+    with_boxes = _add_annotations(
+        builder,
+        json_in,
+        data["annotations"],
+        sizes,
+        excluded,
+        keep_segmentation=keep_segmentation,
+        progress=progress,
+    )
     report.empty_images = len(sizes) - len(with_boxes)
     check_not_empty(report, str(json_in), len(data["images"]), allow_empty=allow_empty)
     builder.write(Path(json_out))
