@@ -92,6 +92,7 @@ Activation = Literal["gelu", "relu"]
 MoELoss = Literal["damex", "load_importance", "load_importance_corrected", "switch", "none"]
 TokenSelection = Literal["all", "matching_only", "foreground", "exclude_dn"]  # decoder tokens
 LogitsSource = Literal["clean", "noisy"]  # router logits before / after the training noise
+VOCMetric = Literal["area", "11point"]  # VOC AP: all-point (VOC2010+) | 11-point (VOC07)
 MoENorm = Literal["pre", "post"]  # MoE sub-block: x + MoE(LN(x)) (DAMEX) | LN(x + MoE(x)) (dense)
 ExpertInit = Literal["independent", "identical", "zero_out"]  # own init | copies of one | fc2 = 0
 MoELossSchedule = Literal["constant", "ramp", "decay"]  # MoE loss weight over training
@@ -318,6 +319,7 @@ class EvalConfig:
     max_images: int = 0  # > 0 caps images per dataset (quick checks)
     routing_tokens: TokenSelection = "matching_only"  # for routing statistics / heatmaps
     report_images: int = 4  # per-dataset overlays in the routing report
+    voc_metric: VOCMetric = "area"  # the VOC AP50 column: all-point ("area") or VOC07 "11point"
 
 
 @dataclass(frozen=True)

@@ -340,6 +340,7 @@ class Evaluation(HookBase):
             routing_tokens=t.cfg.eval.routing_tokens,
             expert_of_dataset=t.data.expert_of_dataset,
             matcher=t.criterion.matcher if want_routing else None,
+            voc_metric=t.cfg.eval.voc_metric,
         )
         self.last_routing = routing
         improved = False

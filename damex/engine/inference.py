@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from damex.config import VOCMetric
 from damex.data.label_space import LabelSpace
 from damex.engine import distributed as dist_utils
 from damex.engine.ema import unwrap_model
@@ -95,6 +96,7 @@ def run_inference(
     matcher: Callable[..., Any] | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    voc_metric: VOCMetric = "area",
 ) -> tuple[EvalResults | RawDetections | None, Any]:
     """Run the detector over every test loader and evaluate per dataset.
 
@@ -120,6 +122,7 @@ def run_inference(
         matcher: ``(logits, boxes, targets) -> indices`` for ``routing_tokens="foreground"``.
         amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None.
         progress: show a tqdm bar on rank 0.
+        voc_metric: interpolation of the VOC AP50 column (``eval.voc_metric``).
 
     Returns:
         ``(results, routing)``: ``EvalResults`` on rank 0 (None on other ranks) or
@@ -136,6 +139,7 @@ def run_inference(
             gt={n: gt_files[n] for n in loaders if n in gt_files},
             label_space=label_space,
             only_processed_images=max_images > 0 or _capped(loaders),
+            voc_metric=voc_metric,
         )
     sink.main_pp, sink.oracle_pp = _postprocessors(postprocess, restrict)
     names = [

@@ -95,5 +95,6 @@ def evaluate(
         routing_stats=False,
         restrict=restrict or cfg.eval.restrict_to_dataset_labels,
         amp_dtype=amp_dtype(cfg.train.amp),
+        voc_metric=cfg.eval.voc_metric,
     )
     return results

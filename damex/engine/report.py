@@ -147,6 +147,7 @@ def visualize_routing(
             routing_tokens=tokens,
             expert_of_dataset=data.expert_of_dataset,
             matcher=criterion.matcher,
+            voc_metric=cfg.eval.voc_metric,
         )
     if stats is None:
         raise ConfigError(f"visualize-routing: the model of {checkpoint} returned no routing")

@@ -32,13 +32,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from damex.config import VOCMetric
+
 __all__ = ["VOCMetric", "VOCResult", "voc_ap", "voc_eval", "is_ignore"]
 
-VOCMetric = Literal["area", "11point"]
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,31 @@ def test_native_labels_match_the_evaluators_detections(
         assert [x1, y1, x2 - x1, y2 - y1] == pytest.approx(ref["bbox"], abs=1e-2)
 
 
+def test_eval_voc_metric_reaches_the_evaluation(
+    synthetic_root: Path, reference_run: Path, tmp_path: Path
+) -> None:
+    """``eval.voc_metric=11point`` gives the VOC07 11-point AP50 of the written detections."""
+    from damex.config import with_overrides
+    from damex.evaluation.voc_eval import voc_eval
+
+    cfg = tiny_config(synthetic_root, reference_run, **REF)
+    gt = json.loads((synthetic_root / "syn_signs" / "annotations" / "test.json").read_text())
+    for metric in ("area", "11point"):
+        out = tmp_path / metric
+        res = evaluate_checkpoint(
+            with_overrides(cfg, [f"eval.voc_metric={metric}"]),
+            reference_run / "best.pth",
+            datasets=["syn_signs"],
+            out_dir=out,
+        )
+        dets = json.loads((out / "detections_syn_signs.json").read_text())
+        ids = sorted({int(r["image_id"]) for r in dets})
+        want = voc_eval(gt, dets, metric=metric, image_ids=ids).ap
+        m = res.datasets["syn_signs"]
+        assert m.voc_metric == metric
+        assert m.voc_ap50 == pytest.approx(want, abs=1e-9)
+
+
 def test_explanations_name_expert_gate_and_mapped_datasets(
     predictor: damex.Predictor, synthetic_root: Path
 ) -> None:
