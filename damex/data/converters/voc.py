@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from damex.data.converters.common import (
@@ -39,6 +40,7 @@ from damex.data.converters.common import (
     ObjectRecord,
     OnBadSample,
     OutOfBounds,
+    XmlNode,
     check_choice,
     convert_records,
     parse_xml,
@@ -78,6 +80,82 @@ def _number(node_text: str | None, where: str, tag: str) -> float:
         ) from None
 
 
+def _image_size(path: Path, root: XmlNode, image_path: Path | None) -> tuple[int, int]:
+    """``(width, height)`` from ``<size>``, or read from ``image_path`` when missing or zero."""
+    width = height = 0
+    size = root.find("size")
+    if size is not None:
+        where = f"{path}:{size.line} <size>"
+        width = int(_number(size.findtext("width"), where, "width"))
+        height = int(_number(size.findtext("height"), where, "height"))
+    if width <= 0 or height <= 0:
+        if image_path is None:
+            raise BadRecord(
+                f"{path}:{root.line}",
+                f"<size> is missing or not positive (got {width}x{height}) and no image to read",
+                "missing size",
+            )
+        width, height = read_image_size(image_path, where=f"{path}: <size> missing")
+    return width, height
+
+
+def _parse_object(
+    path: Path,
+    k: int,
+    obj: XmlNode,
+    *,
+    class_to_id: Mapping[str, int],
+    aliases: Mapping[str, str | None],
+    difficult: FlagPolicy,
+    offset: float,
+    report: ConversionReport,
+) -> ObjectRecord | None:
+    """The ``k``-th ``<object>``, or None when it is dropped (counted as skipped in ``report``).
+
+    Raises:
+        BadRecord: a missing or malformed field, an unknown class.
+    """
+    where = f"{path}:{obj.line} <object> #{k}"
+    raw = (obj.findtext("name") or "").strip()
+    name = raw.lower()
+    if not name:
+        raise BadRecord(where, "missing <name>", "malformed XML")
+    if name in aliases:
+        target = aliases[name]
+        if target is None:
+            report.skip(f"class '{name}' not in UODB", where)
+            return None
+        name = target
+    if name not in class_to_id:
+        raise BadRecord(
+            where,
+            f"unknown class {raw!r}; expected one of {sorted(class_to_id)}",
+            f"unknown class '{raw}'",
+        )
+    flag_text = obj.findtext("difficult")
+    is_difficult = bool(int(_number(flag_text, where, "difficult"))) if flag_text else False
+    if is_difficult and difficult == "drop":
+        report.skip("difficult dropped", where)
+        return None
+    box = obj.find("bndbox")
+    if box is None:
+        raise BadRecord(where, "missing <bndbox>", "malformed XML")
+    bwhere = f"{path}:{box.line} <bndbox> of <object> #{k}"
+    xmin = _number(box.findtext("xmin"), bwhere, "xmin")
+    ymin = _number(box.findtext("ymin"), bwhere, "ymin")
+    xmax = _number(box.findtext("xmax"), bwhere, "xmax")
+    ymax = _number(box.findtext("ymax"), bwhere, "ymax")
+    return ObjectRecord(
+        where=where,
+        category_id=class_to_id[name],
+        x0=xmin - offset,
+        y0=ymin - offset,
+        x1=xmax,
+        y1=ymax,
+        iscrowd=int(is_difficult and difficult == "ignore"),
+    )
+
+
 def parse_voc_xml(
     path: Path,
     *,
@@ -114,69 +192,26 @@ def parse_voc_xml(
         raise BadRecord(
             f"{path}:{root.line}", f"expected root <annotation>, got <{root.tag}>", "malformed XML"
         )
-    width = height = 0
-    size = root.find("size")
-    if size is not None:
-        where = f"{path}:{size.line} <size>"
-        width = int(_number(size.findtext("width"), where, "width"))
-        height = int(_number(size.findtext("height"), where, "height"))
-    if width <= 0 or height <= 0:
-        if image_path is None:
-            raise BadRecord(
-                f"{path}:{root.line}",
-                f"<size> is missing or not positive (got {width}x{height}) and no image to read",
-                "missing size",
-            )
-        width, height = read_image_size(image_path, where=f"{path}: <size> missing")
-
+    width, height = _image_size(path, root, image_path)
     record = ImageRecord(where=str(path), file_name=file_name, width=width, height=height)
     offset = 1.0 if one_based else 0.0
     for k, obj in enumerate(root.findall("object"), start=1):
-        where = f"{path}:{obj.line} <object> #{k}"
         try:
-            raw = (obj.findtext("name") or "").strip()
-            name = raw.lower()
-            if not name:
-                raise BadRecord(where, "missing <name>", "malformed XML")
-            if name in aliases:
-                target = aliases[name]
-                if target is None:
-                    issues.report.skip(f"class '{name}' not in UODB", where)
-                    continue
-                name = target
-            if name not in class_to_id:
-                raise BadRecord(
-                    where,
-                    f"unknown class {raw!r}; expected one of {sorted(class_to_id)}",
-                    f"unknown class '{raw}'",
-                )
-            flag_text = obj.findtext("difficult")
-            is_difficult = bool(int(_number(flag_text, where, "difficult"))) if flag_text else False
-            if is_difficult and difficult == "drop":
-                issues.report.skip("difficult dropped", where)
-                continue
-            box = obj.find("bndbox")
-            if box is None:
-                raise BadRecord(where, "missing <bndbox>", "malformed XML")
-            bwhere = f"{path}:{box.line} <bndbox> of <object> #{k}"
-            xmin = _number(box.findtext("xmin"), bwhere, "xmin")
-            ymin = _number(box.findtext("ymin"), bwhere, "ymin")
-            xmax = _number(box.findtext("xmax"), bwhere, "xmax")
-            ymax = _number(box.findtext("ymax"), bwhere, "ymax")
+            parsed = _parse_object(
+                path,
+                k,
+                obj,
+                class_to_id=class_to_id,
+                aliases=aliases,
+                difficult=difficult,
+                offset=offset,
+                report=issues.report,
+            )
         except BadRecord as bad:
             issues.handle(bad)
             continue
-        record.objects.append(
-            ObjectRecord(
-                where=where,
-                category_id=class_to_id[name],
-                x0=xmin - offset,
-                y0=ymin - offset,
-                x1=xmax,
-                y1=ymax,
-                iscrowd=int(is_difficult and difficult == "ignore"),
-            )
-        )
+        if parsed is not None:
+            record.objects.append(parsed)
     return record
 
 
@@ -190,6 +225,49 @@ def read_image_set(path: Path) -> list[str]:
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{path}: image ids repeat ({len(ids) - len(set(ids))} duplicates)")
     return ids
+
+
+@dataclass(frozen=True)
+class _VocImageParser:
+    """``parse`` for :func:`convert_records`: image id -> its :func:`parse_voc_xml` record.
+
+    Checks that ``Annotations/<id>.xml`` exists and, with ``check_images``, the image too.
+    """
+
+    voc_root: Path
+    class_to_id: Mapping[str, int]
+    issues: Issues
+    aliases: Mapping[str, str | None] | None
+    image_ext: str
+    file_name_fn: Callable[[str], str] | None
+    difficult: FlagPolicy
+    one_based: bool
+    check_images: bool
+
+    def __call__(self, image_id: str) -> ImageRecord:
+        fn = self.file_name_fn
+        file_name = fn(image_id) if fn else f"{image_id}{self.image_ext}"
+        xml_path = self.voc_root / "Annotations" / f"{image_id}.xml"
+        if not xml_path.is_file():
+            raise BadRecord(str(xml_path), "annotation file not found", "missing file")
+        image_path = self.voc_root / "JPEGImages" / file_name
+        if self.check_images and not image_path.is_file():
+            raise BadRecord(
+                str(xml_path),
+                f"image not found: {image_path} (expected JPEGImages/<id>{self.image_ext}; "
+                "--no-image-check converts the annotations without it)",
+                "missing image",
+            )
+        return parse_voc_xml(
+            xml_path,
+            class_to_id=self.class_to_id,
+            file_name=file_name,
+            issues=self.issues,
+            aliases=self.aliases,
+            difficult=self.difficult,
+            image_path=image_path,
+            one_based=self.one_based,
+        )
 
 
 def convert_voc(
@@ -243,9 +321,10 @@ def convert_voc(
     check_choice("difficult", difficult, FLAG_POLICIES)
     voc_root = Path(voc_root)
     if isinstance(image_set, str):
-        ids = read_image_set(voc_root / "ImageSets" / "Main" / f"{image_set}.txt")
+        set_file = voc_root / "ImageSets" / "Main" / f"{image_set}.txt"
+        ids, source = read_image_set(set_file), str(set_file)
     else:
-        ids = list(image_set)
+        ids, source = list(image_set), f"{voc_root} (explicit id list)"
     builder = split_builder(
         dataset=dataset,
         split=split,
@@ -254,36 +333,16 @@ def convert_voc(
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from VOC XML ({voc_root})",
     )
-    class_to_id = {name.lower(): i for i, name in enumerate(classes, start=1)}
-
-    def parse(image_id: str) -> ImageRecord:
-        file_name = file_name_fn(image_id) if file_name_fn else f"{image_id}{image_ext}"
-        xml_path = voc_root / "Annotations" / f"{image_id}.xml"
-        if not xml_path.is_file():
-            raise BadRecord(str(xml_path), "annotation file not found", "missing file")
-        image_path = voc_root / "JPEGImages" / file_name
-        if check_images and not image_path.is_file():
-            raise BadRecord(
-                str(xml_path),
-                f"image not found: {image_path} (expected JPEGImages/<id>{image_ext}; "
-                "--no-image-check converts the annotations without it)",
-                "missing image",
-            )
-        return parse_voc_xml(
-            xml_path,
-            class_to_id=class_to_id,
-            file_name=file_name,
-            issues=builder.issues,
-            aliases=aliases,
-            difficult=difficult,
-            image_path=image_path,
-            one_based=one_based,
-        )
-
-    source = (
-        str(voc_root / "ImageSets" / "Main" / f"{image_set}.txt")
-        if isinstance(image_set, str)
-        else f"{voc_root} (explicit id list)"
+    parse = _VocImageParser(
+        voc_root=voc_root,
+        class_to_id={name.lower(): i for i, name in enumerate(classes, start=1)},
+        issues=builder.issues,
+        aliases=aliases,
+        image_ext=image_ext,
+        file_name_fn=file_name_fn,
+        difficult=difficult,
+        one_based=one_based,
+        check_images=check_images,
     )
     return convert_records(
         builder, ids, parse, json_out, progress=progress, source=source, allow_empty=allow_empty
