@@ -2,8 +2,9 @@
 
 All boxes are ``xyxy`` (any units, the same for both arguments). ``torchvision.ops`` has the
 pairwise versions but divides by zero on zero-area boxes (a sigmoid box head can output
-``w == 0`` in float32 when a logit saturates), and it has no paired ("elementwise") version, which
-the losses need: DETR takes the diagonal of the pairwise ``[N, N]`` matrix, O(N^2) for nothing.
+``w == 0`` in float32 when a logit saturates), so the matcher's pairwise matrix comes from here.
+The losses' paired ("elementwise") GIoU is ``torchvision.ops.generalized_box_iou_loss``, which
+takes an ``eps`` (see ``damex/modeling/criterion.py``).
 GIoU: Rezatofighi et al., "Generalized Intersection over Union", CVPR 2019.
 """
 
@@ -17,7 +18,6 @@ __all__ = [
     "box_iou",
     "generalized_box_iou",
     "paired_box_iou",
-    "paired_generalized_box_iou",
 ]
 
 _EPS = 1e-7
@@ -81,8 +81,3 @@ def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of corresponding boxes: ``[..., 4]`` and ``[..., 4]`` -> ``[...]``."""
     inter, union = _inter_union(boxes1, boxes2)
     return inter / union.clamp(min=_EPS)
-
-
-def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """GIoU of corresponding boxes: ``[..., 4]`` and ``[..., 4]`` -> ``[...]``."""
-    return _giou_from(boxes1, boxes2)

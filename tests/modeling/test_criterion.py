@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from damex.config import Config
+from damex.modeling.box_ops import generalized_box_iou
 from damex.modeling.criterion import (
     SetCriterion,
+    _giou_loss,
     build_criterion,
     fcos_assign,
     foreground_mask,
@@ -22,7 +24,7 @@ from damex.modeling.criterion import (
 from damex.modeling.matcher import HungarianMatcher
 from damex.modeling.outputs import DenseOutput, DetectorOutput, DNMeta, Prediction, TokenKind
 from damex.moe.types import RoutingInfo
-from damex.structures import Batch, Target
+from damex.structures import Batch, Target, box_cxcywh_to_xyxy
 
 K = 5  # classes
 Q = 6  # matching queries
@@ -99,17 +101,61 @@ def test_class_and_box_losses_closed_form():
     out = crit(DetectorOutput(pred=Prediction(logits, boxes)), _batch(targets))
     indices = HungarianMatcher()(logits, boxes, targets)
     onehot = torch.zeros_like(logits)
-    l1 = 0.0
+    l1 = giou = 0.0
     for b, (q, g) in enumerate(indices):
         onehot[b, q, targets[b].labels[g]] = 1
         l1 += float((boxes[b, q] - targets[b].boxes[g]).abs().sum())
+        pairwise = generalized_box_iou(  # DETR: the diagonal of the pairwise matrix
+            box_cxcywh_to_xyxy(boxes[b, q]), box_cxcywh_to_xyxy(targets[b].boxes[g])
+        )
+        giou += float((1 - pairwise.diagonal()).sum())
     num_boxes = 3.0
     # DINO: sigmoid_focal_loss(...).mean(1).sum() / num_boxes * Q
     dino = _focal_ref(logits, onehot).mean(1).sum() / num_boxes * Q
     torch.testing.assert_close(out["unweighted/loss_class"], dino)
     assert math.isclose(float(out["unweighted/loss_bbox"]), l1 / num_boxes, rel_tol=1e-5)
+    assert math.isclose(float(out["unweighted/loss_giou"]), giou / num_boxes, rel_tol=1e-6)
     torch.testing.assert_close(out["loss_bbox"], 5.0 * out["unweighted/loss_bbox"])
     torch.testing.assert_close(out["loss_giou"], 2.0 * out["unweighted/loss_giou"])
+
+
+def test_giou_loss_is_one_minus_diagonal_of_pairwise_giou():
+    """torchvision's paired GIoU loss = 1 - diag(box_ops' pairwise GIoU), values and gradients.
+
+    Predictions are sigmoid boxes (cxcywh in [0, 1]; a saturated logit gives w or h = 0); GT
+    boxes have positive area (readers and transforms drop degenerate ones), down to one pixel.
+    """
+    torch.manual_seed(0)
+    n = 200
+    tgt = torch.rand(n, 4) * 0.5 + 0.25  # [M, 4] cxcywh
+    tgt[:20, 2:] = 1e-3  # 1-pixel GT in a 1000-pixel image
+    src = torch.rand(n, 4)
+    src[:10] = tgt[:10] + torch.tensor([2e-4, -1e-4, 0.0, 0.0])  # near a 1-pixel GT
+    src[20:40] = tgt[20:40]  # perfect predictions
+    src[70:80, 0] = torch.where(tgt[70:80, 0] < 0.5, 0.95, 0.05)  # no overlap:
+    src[70:80, 2] = 0.04  # x-extents disjoint from every GT (cx in [0.25, 0.75], w < 0.75)
+    src[80:90] = tgt[80:90] * torch.tensor([1.0, 1.0, 0.01, 0.01])  # tiny inside its GT
+    logits = torch.logit(src)
+    logits[40:50, 2] = -200.0  # sigmoid underflows to 0: zero width
+    logits[50:60, 3] = -200.0  # zero height
+    logits[60:70, 2:] = -200.0  # zero area
+    logits.requires_grad_(True)
+    assert (logits.sigmoid()[40:70, 2:] == 0).sum() == 40
+
+    got = _giou_loss(logits.sigmoid(), tgt)  # [M]
+    (grad_got,) = torch.autograd.grad(got.sum(), logits)
+    src_xyxy = box_cxcywh_to_xyxy(logits.sigmoid())
+    pairwise = generalized_box_iou(src_xyxy, box_cxcywh_to_xyxy(tgt))  # [M, M]
+    expected = 1 - pairwise.diagonal()
+    (grad_expected,) = torch.autograd.grad(expected.sum(), logits)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # at an extent of exactly 0 the box gradients differ (torchvision's intersection is 0 with no
+    # gradient there, box_ops' clamp passes one), but the sigmoid's zero slope cancels both
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-5, atol=1e-6)
+    # two empty boxes (unreachable with valid GT): finite, loss 1 as before
+    point = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    assert _giou_loss(point, point).tolist() == [1.0]
+    assert _giou_loss(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0,)
 
 
 def test_empty_target_image_finite_and_zero_box_loss():
