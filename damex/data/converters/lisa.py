@@ -59,6 +59,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_Rows = list[tuple[int, dict[str, str]]]  # (CSV line, row) of one frame
+
 LISA_WARNING_TAGS: frozenset[str] = frozenset(
     {
         "addedLane", "curveLeft", "curveRight", "dip", "intersection", "laneEnds", "merge",
@@ -151,6 +153,48 @@ def lisa_group(row: Mapping[str, str]) -> str:
     return str(Path(row["Filename"]).parent)
 
 
+def _sign_objects(
+    csv_path: Path,
+    rows: _Rows,
+    classes: Sequence[str],
+    class_to_id: Mapping[str, int],
+    *,
+    tag_to_class: Callable[[str], str | None],
+    issues: Issues,
+) -> list[ObjectRecord]:
+    """The boxes of one frame's rows; tags without a class are skipped (counted per tag).
+
+    Raises:
+        ValueError: ``tag_to_class`` returned a name that is not one of the classes.
+    """
+    objects = []
+    for lineno, row in rows:
+        where = f"{csv_path}:{lineno}"
+        tag = row["Annotation tag"]
+        target = tag_to_class(tag)
+        if target is None:
+            issues.report.skip(f"LISA tag '{tag}' not in UODB", where)
+            continue
+        if target not in class_to_id:
+            raise ValueError(f"tag_to_class({tag!r}) = {target!r} is not one of {classes}")
+        try:
+            try:
+                x0, y0, x1, y1 = (float(row[h]) for h in _REQUIRED[2:])
+            except ValueError:
+                raise BadRecord(
+                    where,
+                    f"corner fields must be numbers, got {[row[h] for h in _REQUIRED[2:]]}",
+                    "malformed row",
+                ) from None
+        except BadRecord as bad:
+            issues.handle(bad)
+            continue
+        objects.append(
+            ObjectRecord(where=where, category_id=class_to_id[target], x0=x0, y0=y0, x1=x1, y1=y1)
+        )
+    return objects
+
+
 def convert_lisa(
     csv_path: Path,
     image_root: Path,
@@ -203,7 +247,7 @@ def convert_lisa(
         description=f"{dataset} {split} converted from {csv_path.name}",
     )
     issues = builder.issues
-    frames: dict[str, list[tuple[int, dict[str, str]]]] = {}
+    frames: dict[str, _Rows] = {}
     for lineno, row in read_lisa_rows(csv_path, issues):
         if include is None or include(row):
             frames.setdefault(row["Filename"], []).append((lineno, row))
@@ -215,32 +259,11 @@ def convert_lisa(
         record = ImageRecord(
             where=first, file_name=f"{file_name_prefix}{filename}", width=width, height=height
         )
-        for lineno, row in rows:
-            where = f"{csv_path}:{lineno}"
-            tag = row["Annotation tag"]
-            target = tag_to_class(tag)
-            if target is None:
-                issues.report.skip(f"LISA tag '{tag}' not in UODB", where)
-                continue
-            if target not in class_to_id:
-                raise ValueError(f"tag_to_class({tag!r}) = {target!r} is not one of {classes}")
-            try:
-                try:
-                    x0, y0, x1, y1 = (float(row[h]) for h in _REQUIRED[2:])
-                except ValueError:
-                    raise BadRecord(
-                        where,
-                        f"corner fields must be numbers, got {[row[h] for h in _REQUIRED[2:]]}",
-                        "malformed row",
-                    ) from None
-            except BadRecord as bad:
-                issues.handle(bad)
-                continue
-            record.objects.append(
-                ObjectRecord(
-                    where=where, category_id=class_to_id[target], x0=x0, y0=y0, x1=x1, y1=y1
-                )
+        record.objects.extend(
+            _sign_objects(
+                csv_path, rows, classes, class_to_id, tag_to_class=tag_to_class, issues=issues
             )
+        )
         return record
 
     return convert_records(
