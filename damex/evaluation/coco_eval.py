@@ -268,12 +268,21 @@ def _run_cocoeval(gt: dict, dets: list[dict], backend: Backend, max_dets: int) -
 
 
 def _summary_stats(ev: Any) -> list[float]:
-    """COCOeval's 12 bbox ``stats`` from its ``precision``/``recall`` arrays.
+    """COCOeval's 12 bbox ``stats``: ``COCOeval.summarize()`` with maxDets (1, 10, 100).
 
-    The formula of ``COCOeval.summarize`` (mean over the entries > -1 of the slice), computed
-    here because pycocotools' ``summarize`` hard-codes maxDets=100 for ``stats[0]`` (-1 for any
-    other ``max_dets``) and faster-coco-eval sorts ``maxDets``.
+    For any other ``max_dets`` the same formula (mean over the entries > -1 of the slice) is
+    computed here from the ``precision``/``recall`` arrays, because pycocotools' ``summarize``
+    hard-codes maxDets=100 (``stats[0]`` and the AR100 entries become -1).
     """
+    if list(ev.params.maxDets) == [1, 10, 100]:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints the table
+            ev.summarize()
+        return [float(v) for v in ev.stats]
+    return _stats_from_arrays(ev)  # evaluate_dataset(max_dets=...) other than 100
+
+
+def _stats_from_arrays(ev: Any) -> list[float]:
+    """``COCOeval.summarize``'s 12 bbox ``stats`` for any maxDets (1, 10, ``max_dets``)."""
     p = ev.params
     precision = np.asarray(ev.eval["precision"])  # [T, R, K, A, M]
     recall = np.asarray(ev.eval["recall"])  # [T, K, A, M]

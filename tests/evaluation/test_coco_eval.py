@@ -18,8 +18,12 @@ from damex.evaluation.coco_eval import (
     STAT_NAMES,
     EvalResults,
     MultiDatasetEvaluator,
+    _run_cocoeval,
+    _stats_from_arrays,
+    _summary_stats,
     detections_to_coco,
     evaluate_dataset,
+    load_coco_gt,
 )
 from damex.structures import Detections
 
@@ -110,6 +114,20 @@ def test_evaluate_dataset_matches_pycocotools_reference(backend: str) -> None:
         assert m.per_category_ap50[name] == pytest.approx(expected50, abs=1e-12)
     assert m.per_category_ap["c"] == -1.0  # no GT of category c: COCO's sentinel
     assert m.num_images == 6 and m.num_detections == len(dets)
+
+
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_summarize_stats_equal_the_array_formula(backend: str) -> None:
+    """maxDets (1, 10, 100) reads COCOeval.summarize(); it equals the formula kept for others."""
+    gt = _make_gt()
+    for dets in (_noisy_dets(gt), []):
+        ev = _run_cocoeval(load_coco_gt(gt), dets, backend, 100)
+        formula = _stats_from_arrays(ev)
+        assert _summary_stats(ev) == formula  # exact
+        if dets:
+            np.testing.assert_array_equal(formula, _reference_pycocotools(gt, dets)[0])
+        else:
+            assert set(formula) <= {0.0, -1.0}
 
 
 def test_backends_agree_and_gt_file_equals_dict(tmp_path) -> None:
