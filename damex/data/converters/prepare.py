@@ -693,6 +693,74 @@ def _commit(staged: Path, final: Path) -> None:
 # entry points
 
 
+def _make_plans(
+    src: Path, out: Path, names: Sequence[str], opts: PrepareOptions, *, skip_missing: bool
+) -> dict[str, _Plan]:
+    """One plan per dataset (in ``names`` order, repeats once), with the wanted splits only."""
+    plans: dict[str, _Plan] = {}
+    for name in dict.fromkeys(names):
+        root = src / name
+        if not root.is_dir():
+            if skip_missing:
+                logger.warning("%s: %s not found; skipped", name, root)
+                continue
+            raise _missing(name, root, "dataset folder")
+        plan = _make_plan(name, root, out / name / "images", opts)
+        plan.jobs = {s: job for s, job in plan.jobs.items() if s in opts.wanted}
+        absent = [s for s in opts.splits or () if s not in plan.jobs]
+        if absent:
+            raise DatasetError(
+                f"{name}: has no {absent[0]} split (requested with splits / --splits)"
+            )
+        plans[name] = plan
+    return plans
+
+
+def _new_staging_dir(out: Path, name: str) -> Path:
+    """A fresh ``out/.NAME.*.partial`` folder (stale ones of interrupted runs removed first)."""
+    _remove_stale_staging(out, name)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out))
+    except OSError as exc:
+        raise DatasetError(f"cannot write into {out}: {exc.strerror}") from None
+
+
+def _convert_dataset(
+    name: str,
+    plan: _Plan,
+    stage: Path,
+    out: Path,
+    bar: tqdm,
+    progress: bool,
+) -> dict[str, ConversionReport]:
+    """Run every split job of ``plan`` into ``stage``; returns split -> report.
+
+    The reports name the final JSON paths under ``out``, where :func:`_commit` moves them.
+    """
+    if plan.writes_images:
+        (stage / "images").mkdir()
+    reports: dict[str, ConversionReport] = {}
+    for split, job in plan.jobs.items():
+        bar.set_postfix_str(f"{name}/{split}")
+        report = job(stage / "annotations" / f"{split}.json", progress)
+        report.dataset = name
+        report.json_path = out / name / "annotations" / f"{split}.json"
+        reports[split] = report
+        logger.info(
+            "%s/%s: %d images, %d boxes, %d ignored, %d skipped",
+            name,
+            split,
+            report.images,
+            report.boxes,
+            report.ignored,
+            report.num_skipped,
+        )
+        bar.update(1)
+    if not plan.writes_images:
+        _prepare_images(plan, stage / "images")
+    return reports
+
+
 def prepare_uodb(
     src: Path | str,
     out: Path | str,
@@ -732,22 +800,7 @@ def prepare_uodb(
     if not src.is_dir():
         raise DatasetError(f"originals folder not found: {src}")
     _check_output(out, names)
-    plans: dict[str, _Plan] = {}
-    for name in dict.fromkeys(names):
-        root = src / name
-        if not root.is_dir():
-            if skip_missing:
-                logger.warning("%s: %s not found; skipped", name, root)
-                continue
-            raise _missing(name, root, "dataset folder")
-        plan = _make_plan(name, root, out / name / "images", opts)
-        plan.jobs = {s: job for s, job in plan.jobs.items() if s in opts.wanted}
-        absent = [s for s in opts.splits or () if s not in plan.jobs]
-        if absent:
-            raise DatasetError(
-                f"{name}: has no {absent[0]} split (requested with splits / --splits)"
-            )
-        plans[name] = plan
+    plans = _make_plans(src, out, names, opts, skip_missing=skip_missing)
 
     created_out = not out.exists()
     try:
@@ -761,33 +814,8 @@ def prepare_uodb(
     try:
         with tqdm(total=total, desc="UODB", unit="split", disable=not progress) as bar:
             for name, plan in plans.items():
-                _remove_stale_staging(out, name)
-                try:
-                    stage = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out))
-                except OSError as exc:
-                    raise DatasetError(f"cannot write into {out}: {exc.strerror}") from None
-                staged[name] = stage
-                if plan.writes_images:
-                    (stage / "images").mkdir()
-                reports[name] = {}
-                for split, job in plan.jobs.items():
-                    bar.set_postfix_str(f"{name}/{split}")
-                    report = job(stage / "annotations" / f"{split}.json", progress)
-                    report.dataset = name
-                    report.json_path = out / name / "annotations" / f"{split}.json"
-                    reports[name][split] = report
-                    logger.info(
-                        "%s/%s: %d images, %d boxes, %d ignored, %d skipped",
-                        name,
-                        split,
-                        report.images,
-                        report.boxes,
-                        report.ignored,
-                        report.num_skipped,
-                    )
-                    bar.update(1)
-                if not plan.writes_images:
-                    _prepare_images(plan, stage / "images")
+                staged[name] = stage = _new_staging_dir(out, name)
+                reports[name] = _convert_dataset(name, plan, stage, out, bar, progress)
         # Every split of every dataset converted: only now does anything under out change.
         committed = True
         for name, stage in staged.items():
@@ -838,11 +866,7 @@ def format_summary(reports: dict[str, dict[str, ConversionReport]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "prepare_uodb") -> int:
-    """CLI: ``python tools/prepare_uodb.py --src ORIGINALS_DIR --out data/uodb [...]``.
-
-    Returns 0, or 2 with one ``error:`` line on stderr for bad input (as ``damex`` does).
-    """
+def _build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Rebuild UODB (COCO JSON per dataset split) from the original releases. "
@@ -900,12 +924,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "prepare_uodb") -> int:
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    options = PrepareOptions(
+    return parser
+
+
+def _options_from_args(args: argparse.Namespace) -> PrepareOptions:
+    return PrepareOptions(
         on_bad_sample=args.on_bad_sample,
         out_of_bounds=args.out_of_bounds,
         difficult=args.difficult,
@@ -916,6 +939,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "prepare_uodb") -> int:
         allow_empty=args.allow_empty,
         check_images=not args.no_image_check,
     )
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "prepare_uodb") -> int:
+    """CLI: ``python tools/prepare_uodb.py --src ORIGINALS_DIR --out data/uodb [...]``.
+
+    Returns 0, or 2 with one ``error:`` line on stderr for bad input (as ``damex`` does).
+    """
+    parser = _build_parser(prog)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    options = _options_from_args(args)
     try:
         reports = prepare_uodb(
             args.src,
