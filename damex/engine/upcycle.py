@@ -73,6 +73,137 @@ def _activation_name(ffn_act: object) -> str | None:
     return {"relu": "relu", "ReLU": "relu", "gelu": "gelu", "GELU": "gelu"}.get(name)
 
 
+@dataclass(frozen=True)
+class _DenseFFN:
+    """One decoder layer's dense FFN from the dense state dict.
+
+    Attributes:
+        w1, b1: ``linear1`` ``[H, D]`` / ``[H]``.
+        w2, b2: ``linear2`` ``[D, H]`` / ``[D]`` (``b2`` None when the dense FFN has no bias).
+        keys: the state-dict keys these came from.
+    """
+
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor | None
+    keys: tuple[str, ...]
+
+
+def _dense_ffn(
+    prefix: str, moe: nn.Module, state: Mapping[str, Tensor], problems: list[str]
+) -> _DenseFFN | None:
+    """The dense FFN of MoE block ``prefix``, or None (a line added to ``problems``)."""
+    keys = {n: f"{prefix}.{n}" for n in ("linear1.weight", "linear1.bias", "linear2.weight")}
+    absent = [k for k in keys.values() if k not in state]
+    if absent:
+        problems.append(f"no dense FFN for MoE block {prefix} (missing {absent})")
+        return None
+    w1, b1, w2 = (state[keys[n]] for n in ("linear1.weight", "linear1.bias", "linear2.weight"))
+    b2 = state.get(f"{prefix}.linear2.bias")
+    expected = (moe.hidden_dim, moe.d_model)
+    if tuple(w1.shape) != expected or tuple(w2.shape) != expected[::-1]:
+        problems.append(
+            f"{prefix}: dense FFN is {tuple(w1.shape)}/{tuple(w2.shape)}, the experts are "
+            f"{expected}/{expected[::-1]} (model.dim_feedforward and d_model must match)"
+        )
+        return None
+    used = tuple(keys.values()) + ((f"{prefix}.linear2.bias",) if b2 is not None else ())
+    return _DenseFFN(w1=w1, b1=b1, w2=w2, b2=b2, keys=used)
+
+
+def _copy_dense_ffn(moe: nn.Module, dense: _DenseFFN) -> None:
+    """Every held routed expert (and the shared one) := the dense FFN; ``fc2`` halved if shared."""
+    shared = getattr(moe, "shared", None)
+    split = 0.5 if shared is not None else 1.0
+    targets = [moe.experts[i] for i in range(moe.experts.num_experts)]
+    for ffn in targets + ([shared] if shared is not None else []):
+        ffn.fc1.weight.copy_(dense.w1)
+        ffn.fc1.bias.copy_(dense.b1)
+        ffn.fc2.weight.copy_(dense.w2 * split)
+        if ffn.fc2.bias is not None:
+            if dense.b2 is None:
+                ffn.fc2.bias.zero_()
+            else:
+                ffn.fc2.bias.copy_(dense.b2 * split)
+
+
+def _perturb_experts(moe: nn.Module, noise: float, generator: torch.Generator | None) -> None:
+    """Add ``noise`` x std Gaussian noise to the routed experts' weights, a draw per expert.
+
+    Drawn for every global expert id, applied to the held ones: an expert-parallel shard gets
+    the same noise as the single-process model's experts.
+    """
+    targets = [moe.experts[i] for i in range(moe.experts.num_experts)]
+    held = dict(zip(moe.experts.expert_ids, targets, strict=True))
+    for e in range(moe.num_experts):
+        for kind in ("fc1", "fc2"):
+            like = getattr(targets[0], kind).weight
+            draw = torch.randn(like.shape, generator=generator, dtype=like.dtype)
+            if e in held:
+                p = getattr(held[e], kind).weight
+                p.add_(draw * (noise * float(p.std())))
+
+
+def _inexact_reasons(block: nn.Module, dense_activation: str, noise: float) -> list[str]:
+    """Why the upcycled block does not compute ``LN(x + FFN(x))`` at init (empty: it does)."""
+    moe = block.moe
+    reasons = []
+    if block.norm_position != "post":
+        reasons.append("pre-norm MoE block (moe.norm=pre) vs the dense post-norm FFN")
+    if moe.experts.activation != dense_activation:
+        reasons.append(
+            f"expert activation {moe.experts.activation} vs the dense {dense_activation}"
+        )
+    if not getattr(moe, "unit_gate", False):
+        reasons.append("combine weight = router probability (moe.unit_gate=false)")
+    if moe.capacity_factor != 0:
+        reasons.append(f"capacity_factor {moe.capacity_factor} may drop tokens")
+    if noise > 0:
+        reasons.append(f"noise {noise}")
+    return reasons
+
+
+def _check_rest_fits(
+    state: Mapping[str, Tensor],
+    own: Mapping[str, Tensor],
+    consumed: set[str],
+    moe_prefixes: tuple[str, ...],
+    source: str,
+) -> None:
+    """Raise ``CheckpointError`` unless every non-FFN dense entry matches the MoE model's.
+
+    Entries only the MoE model has (experts, shared expert, routers) may be absent.
+    """
+    unexpected, shape = [], []
+    for key, value in state.items():
+        if key in consumed:
+            continue
+        if key not in own:
+            unexpected.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            shape.append(f"{key}: dense {tuple(value.shape)} vs MoE {tuple(own[key].shape)}")
+    missing = [
+        k
+        for k in own
+        if k not in state
+        and not (k.startswith(moe_prefixes) and (".moe.experts." in k or ".moe.shared." in k))
+        and not (k.startswith(moe_prefixes) and ".moe.router." in k)
+    ]
+    if unexpected or shape or missing:
+        parts = []
+        if shape:
+            parts.append(f"shape mismatches {shape}")
+        if unexpected:
+            parts.append(f"keys the MoE model does not have {unexpected[:20]}")
+        if missing:
+            parts.append(f"MoE model entries the dense checkpoint lacks {missing[:20]}")
+        raise CheckpointError(
+            f"upcycling {source}: the dense checkpoint does not fit the MoE model apart from the "
+            f"FFNs (same backbone, widths, heads, accelerators?): {'; '.join(parts)}"
+        )
+
+
 @torch.no_grad()
 def upcycle_(
     model: nn.Module,
@@ -117,96 +248,23 @@ def upcycle_(
     consumed: set[str] = set()
     problems: list[str] = []
     for prefix, block in blocks.items():
-        keys = {n: f"{prefix}.{n}" for n in ("linear1.weight", "linear1.bias", "linear2.weight")}
-        absent = [k for k in keys.values() if k not in state]
-        if absent:
-            problems.append(f"no dense FFN for MoE block {prefix} (missing {absent})")
-            continue
         moe = block.moe
-        w1, b1, w2 = (state[keys[n]] for n in ("linear1.weight", "linear1.bias", "linear2.weight"))
-        b2 = state.get(f"{prefix}.linear2.bias")
-        expected = (moe.hidden_dim, moe.d_model)
-        if tuple(w1.shape) != expected or tuple(w2.shape) != expected[::-1]:
-            problems.append(
-                f"{prefix}: dense FFN is {tuple(w1.shape)}/{tuple(w2.shape)}, the experts are "
-                f"{expected}/{expected[::-1]} (model.dim_feedforward and d_model must match)"
-            )
+        dense = _dense_ffn(prefix, moe, state, problems)
+        if dense is None:
             continue
-        consumed.update(keys.values())
-        if b2 is not None:
-            consumed.add(f"{prefix}.linear2.bias")
-        shared = getattr(moe, "shared", None)
-        split = 0.5 if shared is not None else 1.0
-        targets = [moe.experts[i] for i in range(moe.experts.num_experts)]
-        for ffn in targets + ([shared] if shared is not None else []):
-            ffn.fc1.weight.copy_(w1)
-            ffn.fc1.bias.copy_(b1)
-            ffn.fc2.weight.copy_(w2 * split)
-            if ffn.fc2.bias is not None:
-                if b2 is None:
-                    ffn.fc2.bias.zero_()
-                else:
-                    ffn.fc2.bias.copy_(b2 * split)
+        consumed.update(dense.keys)
+        _copy_dense_ffn(moe, dense)
         if noise > 0:  # routed experts only; a fresh draw per expert
-            # drawn for every global expert id, applied to the held ones: an expert-parallel
-            # shard gets the same noise as the single-process model's experts
-            held = dict(zip(moe.experts.expert_ids, targets, strict=True))
-            for e in range(moe.num_experts):
-                for kind in ("fc1", "fc2"):
-                    like = getattr(targets[0], kind).weight
-                    draw = torch.randn(like.shape, generator=generator, dtype=like.dtype)
-                    if e in held:
-                        p = getattr(held[e], kind).weight
-                        p.add_(draw * (noise * float(p.std())))
+            _perturb_experts(moe, noise, generator)
         report.upcycled_layers.append(prefix)
         report.fresh.append(f"{prefix}.moe.router")
-        # exactness: the block must compute LN(x + FFN(x)) at init
-        reasons = []
-        if block.norm_position != "post":
-            reasons.append("pre-norm MoE block (moe.norm=pre) vs the dense post-norm FFN")
-        if moe.experts.activation != dense_activation:
-            reasons.append(
-                f"expert activation {moe.experts.activation} vs the dense {dense_activation}"
-            )
-        if not getattr(moe, "unit_gate", False):
-            reasons.append("combine weight = router probability (moe.unit_gate=false)")
-        if moe.capacity_factor != 0:
-            reasons.append(f"capacity_factor {moe.capacity_factor} may drop tokens")
-        if noise > 0:
-            reasons.append(f"noise {noise}")
+        reasons = _inexact_reasons(block, dense_activation, noise)
         if reasons:
             report.exact = False
             report.reasons += [f"{prefix}: {r}" for r in reasons]
     if problems:
         raise CheckpointError(f"upcycling {source}: " + "; ".join(problems))
-    moe_prefixes = tuple(f"{p}." for p in blocks)
-    unexpected, shape = [], []
-    for key, value in state.items():
-        if key in consumed:
-            continue
-        if key not in own:
-            unexpected.append(key)
-        elif tuple(value.shape) != tuple(own[key].shape):
-            shape.append(f"{key}: dense {tuple(value.shape)} vs MoE {tuple(own[key].shape)}")
-    missing = [
-        k
-        for k in own
-        if k not in state
-        and not (k.startswith(moe_prefixes) and (".moe.experts." in k or ".moe.shared." in k))
-        and not (k.startswith(moe_prefixes) and ".moe.router." in k)
-    ]
-    if unexpected or shape or missing:
-        parts = []
-        if shape:
-            parts.append(f"shape mismatches {shape}")
-        if unexpected:
-            parts.append(f"keys the MoE model does not have {unexpected[:20]}")
-        if missing:
-            parts.append(f"MoE model entries the dense checkpoint lacks {missing[:20]}")
-        raise CheckpointError(
-            f"upcycling {source}: the dense checkpoint does not fit the MoE model apart from the "
-            f"FFNs (same backbone, widths, heads, accelerators?): {'; '.join(parts)}"
-        )
+    _check_rest_fits(state, own, consumed, tuple(f"{p}." for p in blocks), source)
     for key, value in state.items():
         if key not in consumed:
             own[key].copy_(value)
