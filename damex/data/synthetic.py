@@ -42,7 +42,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,7 +93,12 @@ _SPLIT_SIZES: dict[str, tuple[int, int, int]] = {
 
 def split_sizes(name: str, scale: float = 1.0) -> dict[str, int]:
     """Images per split of a synthetic dataset at ``scale`` (at least 1 each)."""
-    return {s: max(1, round(n * scale)) for s, n in zip(SPLITS, _SPLIT_SIZES[name])}
+    return _scaled_split_sizes(_SPLIT_SIZES[name], scale)
+
+
+def _scaled_split_sizes(sizes: Sequence[int], scale: float) -> dict[str, int]:
+    """``{split: images}`` from (train, val, test) sizes at scale 1 (at least 1 each)."""
+    return {s: max(1, round(n * scale)) for s, n in zip(SPLITS, sizes)}
 
 
 # ------------------------------------------------------------------------------ drawing
@@ -127,11 +132,31 @@ class _Canvas:
         self.arr = arr  # [H, W, 3] float32, 0..255
         self.h, self.w = arr.shape[:2]
 
+    def _mask(
+        self, draw: Callable[[ImageDraw.ImageDraw], None], *, filled: bool = False
+    ) -> Image.Image:
+        """An ``L`` mask of the canvas size with ``draw`` applied at 255.
+
+        ``filled``: shapes drawn without ``fill``/``outline`` are filled (PIL's default ink).
+        """
+        mask = Image.new("L", (self.w, self.h), 0)
+        canvas = ImageDraw.Draw(mask)
+        if filled:
+            canvas.ink, canvas.fill = 255, True
+        draw(canvas)
+        return mask
+
+    def _composite(self, box: Box, alpha: np.ndarray, color: np.ndarray) -> None:
+        """Blend ``color`` (``[3]`` or ``[h, w, 3]``) into ``box`` with ``alpha`` ``[h, w, 1]``."""
+        x0, y0, x1, y1 = box
+        region = self.arr[y0:y1, x0:x1]
+        region *= 1.0 - alpha
+        region += alpha * color
+
     def _paint(
         self, draw: Callable[[ImageDraw.ImageDraw], None], color: Color, shade: float, angle: float
     ) -> Box | None:
-        mask = Image.new("L", (self.w, self.h), 0)
-        draw(ImageDraw.Draw(mask))
+        mask = self._mask(draw)
         box = mask.getbbox()
         if box is None:
             return None
@@ -143,9 +168,7 @@ class _Canvas:
             proj = xx * math.cos(angle) + yy * math.sin(angle)  # [h, w]
             proj = (proj - proj.min()) / max(float(np.ptp(proj)), 1.0)  # 0..1
             col = col * (1.0 + shade * (0.5 - proj))[..., None]  # [h, w, 3]
-        region = self.arr[y0:y1, x0:x1]
-        region *= 1.0 - alpha
-        region += alpha * col
+        self._composite(box, alpha, col)
         return box
 
     def ellipse(
@@ -782,14 +805,18 @@ def _make_image(job: _Job) -> dict[str, Any]:
     image, objects = _render(name, rng, image_size)
     split = SPLITS[split_index]
     file_name = f"{split}_{i:05d}.{_ext(name)}"
-    path = Path(out) / name / "images" / file_name
+    _save_image(image, Path(out) / name / "images" / file_name)
+    h, w = image.shape[:2]
+    return {"file_name": file_name, "height": h, "width": w, "objects": objects}
+
+
+def _save_image(image: np.ndarray, path: Path) -> None:
+    """Write ``uint8`` ``[H, W]`` (gray) or ``[H, W, 3]`` as ``.jpg`` (quality 92) or ``.png``."""
     pil = Image.fromarray(image, "L" if image.ndim == 2 else "RGB")
-    if file_name.endswith(".jpg"):
+    if path.suffix == ".jpg":
         pil.save(path, quality=92, subsampling=0)
     else:
         pil.save(path, optimize=False, compress_level=6)
-    h, w = image.shape[:2]
-    return {"file_name": file_name, "height": h, "width": w, "objects": objects}
 
 
 def _jobs(
@@ -800,6 +827,25 @@ def _jobs(
 
 
 def _coco_json(name: str, split: str, seed: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+    info = {
+        "description": f"damex synthetic benchmark: {name} {split}",
+        "version": str(GENERATOR_VERSION),
+        "seed": seed,
+    }
+    return _coco_from_records(
+        records, info=info, classes=SYNTHETIC_DATASETS[name], supercategory=name
+    )
+
+
+def _coco_from_records(
+    records: list[dict[str, Any]],
+    *,
+    info: dict[str, Any],
+    classes: Sequence[str],
+    supercategory: str,
+) -> dict[str, Any]:
+    """COCO JSON of rendered images: ``records`` are ``{"file_name", "height", "width",
+    "objects": [(class index, (x0, y0, x1, y1))]}``; ids count from 1 in order."""
     images, annotations = [], []
     for i, rec in enumerate(records):
         image_id = i + 1
@@ -824,19 +870,22 @@ def _coco_json(name: str, split: str, seed: int, records: list[dict[str, Any]]) 
                 }
             )
     return {
-        "info": {
-            "description": f"damex synthetic benchmark: {name} {split}",
-            "version": str(GENERATOR_VERSION),
-            "seed": seed,
-        },
+        "info": info,
         "licenses": [],
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": k + 1, "name": c, "supercategory": name}
-            for k, c in enumerate(SYNTHETIC_DATASETS[name])
+            {"id": k + 1, "name": c, "supercategory": supercategory} for k, c in enumerate(classes)
         ],
     }
+
+
+def _fresh_dataset_dir(path: Path) -> None:
+    """Empty ``path/images`` and ``path/annotations`` (an existing ``path`` is removed first)."""
+    if path.exists():
+        shutil.rmtree(path)
+    (path / "images").mkdir(parents=True)
+    (path / "annotations").mkdir(parents=True)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -885,10 +934,7 @@ def generate_benchmark(
     start = time.perf_counter()
     plan = []
     for ds_index, name in enumerate(SYNTHETIC_DATASETS):
-        if (root / name).exists():
-            shutil.rmtree(root / name)
-        (root / name / "images").mkdir(parents=True)
-        (root / name / "annotations").mkdir(parents=True)
+        _fresh_dataset_dir(root / name)
         for split_index, (split, n) in enumerate(split_sizes(name, scale).items()):
             plan.append((name, ds_index, split_index, split, n))
     total = sum(p[-1] for p in plan)
@@ -932,21 +978,19 @@ def generate_benchmark(
     return summary
 
 
-def _marker_matches(root: Path, seed: int, scale: float, image_size: int) -> bool:
+def _marker_current(
+    root: Path, marker_file: str, expected: Mapping[str, Any], datasets: Iterable[str]
+) -> bool:
+    """Whether ``root/marker_file`` holds ``expected`` and every dataset's annotations exist."""
     try:
-        marker = json.loads((root / MARKER_FILE).read_text(encoding="utf-8"))
+        marker = json.loads((root / marker_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if (
-        marker.get("generator_version") != GENERATOR_VERSION
-        or marker.get("seed") != seed
-        or marker.get("scale") != scale
-        or marker.get("image_size") != image_size
-    ):
+    if any(marker.get(k) != v for k, v in expected.items()):
         return False
     return all(
         (root / name / "annotations" / f"{split}.json").is_file()
-        for name in SYNTHETIC_DATASETS
+        for name in datasets
         for split in SPLITS
     )
 
@@ -984,10 +1028,14 @@ def ensure_benchmark(cfg: SyntheticConfig, *, workers: int = 1, progress: bool =
         The benchmark root.
     """
     root = Path(cfg.root).expanduser()
-    if _marker_matches(root, cfg.seed, cfg.scale, cfg.image_size):
+    expected = {
+        "generator_version": GENERATOR_VERSION, "seed": cfg.seed, "scale": cfg.scale,
+        "image_size": cfg.image_size,
+    }  # fmt: skip
+    if _marker_current(root, MARKER_FILE, expected, SYNTHETIC_DATASETS):
         return root
     with _lock(root.parent / f".{root.name}.lock"):
-        if not _marker_matches(root, cfg.seed, cfg.scale, cfg.image_size):
+        if not _marker_current(root, MARKER_FILE, expected, SYNTHETIC_DATASETS):
             if (root / MARKER_FILE).exists():
                 logger.info("synthetic benchmark under %s is stale; regenerating", root)
             else:

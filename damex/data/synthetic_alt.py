@@ -2,8 +2,9 @@
 
 The built-in benchmark (:mod:`damex.data.synthetic`) is where the recipe is chosen (on its val
 split); this one is only run once, with the chosen recipe, to see whether the choice carries
-over. It shares nothing with the built-in generator but the image writing: other object shapes,
-other backgrounds, four domains instead of six and a 10:1 train-size imbalance::
+over. It shares only the plumbing with the built-in generator (canvas, file writing, marker, lock),
+none of the content: other object shapes, other backgrounds, four domains instead of six and a
+10:1 train-size imbalance::
 
     out/NAME/annotations/{train,val,test}.json
     out/NAME/images/{split}_{index:05d}.png
@@ -32,25 +33,36 @@ The catalog knows the datasets as ``alt_*`` under ``{data.root}/synthetic_alt``;
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from damex.data.synthetic import SPLITS, Box, _union  # one box-union rule for both generators
+# one canvas, box-union rule, image / JSON writer, lock and completion marker for both generators
+from damex.data.synthetic import (
+    SPLITS,
+    Box,
+    _Canvas,
+    _coco_from_records,
+    _fresh_dataset_dir,
+    _lock,
+    _marker_current,
+    _save_image,
+    _scaled_split_sizes,
+    _union,
+    _write_json,
+)
 
 __all__ = [
     "ALT_DATASETS",
     "ALT_GENERATOR_VERSION",
     "ALT_MARKER_FILE",
+    "SPLITS",
     "alt_split_sizes",
     "ensure_alt_benchmark",
     "generate_alt_benchmark",
@@ -77,16 +89,15 @@ _SPLIT_SIZES: dict[str, tuple[int, int, int]] = {
 
 def alt_split_sizes(name: str, scale: float = 1.0) -> dict[str, int]:
     """Images per split of an ``alt_*`` dataset at ``scale`` (at least 1 each)."""
-    return {s: max(1, round(n * scale)) for s, n in zip(SPLITS, _SPLIT_SIZES[name])}
+    return _scaled_split_sizes(_SPLIT_SIZES[name], scale)
 
 
 # --------------------------------------------------------------------------- drawing
-class _Layer:
-    """An RGB float image; shapes are drawn through a PIL mask and alpha-composited."""
+class _Layer(_Canvas):
+    """The built-in benchmark's canvas with blurred, translucent shapes (``paint``)."""
 
     def __init__(self, arr: np.ndarray) -> None:
-        self.arr = arr.astype(np.float32)
-        self.h, self.w = arr.shape[:2]
+        super().__init__(arr.astype(np.float32))
 
     def paint(
         self,
@@ -95,20 +106,15 @@ class _Layer:
         blur: float = 0.0,
         opacity: float = 1.0,
     ) -> Box | None:
-        mask = Image.new("L", (self.w, self.h), 0)
-        canvas = ImageDraw.Draw(mask)
-        canvas.ink, canvas.fill = 255, True  # shapes drawn without fill/outline are filled
-        draw(canvas)
+        mask = self._mask(draw, filled=True)
         if blur > 0:
             mask = mask.filter(ImageFilter.GaussianBlur(blur))
         box = mask.getbbox()
         if box is None:
             return None
-        x0, y0, x1, y1 = box
+        x0, y0 = box[:2]
         alpha = opacity * np.asarray(mask.crop(box), np.float32)[..., None] / 255.0
-        region = self.arr[y0:y1, x0:x1]
-        region *= 1.0 - alpha
-        region += alpha * np.asarray(color, np.float32)
+        self._composite(box, alpha, np.asarray(color, np.float32))
         # the object box: pixels at least half covered
         ys, xs = np.nonzero(alpha[..., 0] >= 0.5 * opacity)
         if len(xs) == 0:
@@ -472,50 +478,6 @@ def _render(name: str, rng: np.random.Generator, image_size: int) -> tuple[np.nd
 
 
 # -------------------------------------------------------------------------- writing
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _coco(name: str, split: str, seed: int, records: list[dict[str, Any]]) -> dict[str, Any]:
-    images, annotations = [], []
-    for i, rec in enumerate(records):
-        images.append(
-            {
-                "id": i + 1,
-                "file_name": rec["file_name"],
-                "height": rec["height"],
-                "width": rec["width"],
-            }
-        )
-        for c, (x0, y0, x1, y1) in rec["objects"]:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": c + 1,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "iscrowd": 0,
-                }
-            )
-    return {
-        "info": {
-            "description": f"damex synthetic_alt benchmark: {name} {split}",
-            "version": str(ALT_GENERATOR_VERSION),
-            "seed": seed,
-        },
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [
-            {"id": k + 1, "name": c, "supercategory": name}
-            for k, c in enumerate(ALT_DATASETS[name])
-        ],
-    }
-
-
 def generate_alt_benchmark(
     out: str | os.PathLike[str], seed: int = 0, scale: float = 1.0, image_size: int = 256
 ) -> dict[str, Any]:
@@ -543,10 +505,7 @@ def generate_alt_benchmark(
         "datasets": {},
     }
     for ds_index, name in enumerate(ALT_DATASETS):
-        if (root / name).exists():
-            shutil.rmtree(root / name)
-        (root / name / "images").mkdir(parents=True)
-        (root / name / "annotations").mkdir(parents=True)
+        _fresh_dataset_dir(root / name)
         summary["datasets"][name] = {}
         for split_index, (split, n) in enumerate(alt_split_sizes(name, scale).items()):
             records = []
@@ -554,7 +513,7 @@ def generate_alt_benchmark(
                 rng = np.random.default_rng([seed, 1000 + ds_index, split_index, i])
                 image, objects = _render(name, rng, image_size)
                 file_name = f"{split}_{i:05d}.png"
-                Image.fromarray(image, "RGB").save(root / name / "images" / file_name)
+                _save_image(image, root / name / "images" / file_name)
                 records.append(
                     {
                         "file_name": file_name,
@@ -563,7 +522,14 @@ def generate_alt_benchmark(
                         "objects": objects,
                     }
                 )
-            coco = _coco(name, split, seed, records)
+            info = {
+                "description": f"damex synthetic_alt benchmark: {name} {split}",
+                "version": str(ALT_GENERATOR_VERSION),
+                "seed": seed,
+            }
+            coco = _coco_from_records(
+                records, info=info, classes=ALT_DATASETS[name], supercategory=name
+            )
             _write_json(root / name / "annotations" / f"{split}.json", coco)
             summary["datasets"][name][split] = {
                 "images": len(coco["images"]),
@@ -574,42 +540,17 @@ def generate_alt_benchmark(
     return summary
 
 
-def _marker_ok(root: Path, seed: int, scale: float, image_size: int) -> bool:
-    try:
-        marker = json.loads((root / ALT_MARKER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    same = (
-        marker.get("generator_version"),
-        marker.get("seed"),
-        marker.get("scale"),
-        marker.get("image_size"),
-    ) == (ALT_GENERATOR_VERSION, seed, scale, image_size)
-    return same and all(
-        (root / n / "annotations" / f"{s}.json").is_file() for n in ALT_DATASETS for s in SPLITS
-    )
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_alt_benchmark(
     root: str | os.PathLike[str], seed: int = 0, scale: float = 1.0, image_size: int = 256
 ) -> Path:
     """Generate the ``alt_*`` datasets under ``root`` unless an up-to-date copy is there."""
     root = Path(root).expanduser()
-    if not _marker_ok(root, seed, scale, image_size):
+    expected = {
+        "generator_version": ALT_GENERATOR_VERSION, "seed": seed, "scale": scale,
+        "image_size": image_size,
+    }  # fmt: skip
+    if not _marker_current(root, ALT_MARKER_FILE, expected, ALT_DATASETS):
         with _lock(root.parent / f".{root.name}.lock"):
-            if not _marker_ok(root, seed, scale, image_size):
+            if not _marker_current(root, ALT_MARKER_FILE, expected, ALT_DATASETS):
                 generate_alt_benchmark(root, seed=seed, scale=scale, image_size=image_size)
     return root
