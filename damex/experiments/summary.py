@@ -129,20 +129,10 @@ def _columns(records: list[dict[str, Any]], splits: Sequence[str]) -> list[tuple
     return cols
 
 
-def summarize(records: list[dict[str, Any]], spec: ExperimentSpec | None = None) -> dict[str, Any]:
-    """Per variant mean/std of every reported number and the differences to the baseline.
-
-    Args:
-        records: ``results.jsonl`` records (several specs may share a file: all are used).
-        spec: gives the variant order, the baseline and the splits (default: from records).
-
-    Returns:
-        JSON-able ``{"variants": [names], "baseline", "splits", "datasets",
-        "table": {variant: {column: {"mean", "std", "n", "values"}}},
-        "per_dataset": {split: {metric: {variant: {dataset: {"mean", "std", "n"}}}}},
-        "diff": {variant: {column: {"diff", "low", "high"} | None}},
-        "seeds": {variant: [seeds]}}``.
-    """
+def _order_and_splits(
+    records: list[dict[str, Any]], spec: ExperimentSpec | None
+) -> tuple[list[str], list[str], str | None]:
+    """Variant order, evaluated splits (the spec's first, then new ones) and the baseline."""
     if spec is not None:
         order = [v.name for v in spec.variants]
         splits = list(spec.eval_splits)
@@ -155,17 +145,24 @@ def summarize(records: list[dict[str, Any]], spec: ExperimentSpec | None = None)
         for s in r.get("metrics", {}):
             if s not in splits:
                 splits.append(s)
-    by_variant = {v: [r for r in records if r["variant"] == v] for v in order}
-    by_variant = {v: sorted(rs, key=lambda r: r["seed"]) for v, rs in by_variant.items() if rs}
-    order = [v for v in order if v in by_variant]
+    return order, splits, baseline
+
+
+def _datasets(records: list[dict[str, Any]], splits: Sequence[str]) -> list[str]:
+    """Every dataset evaluated in some record and split, in first-seen order."""
     datasets: list[str] = []
     for r in records:
         for s in splits:
             for d in r.get("metrics", {}).get(s, {}).get("datasets", {}):
                 if d not in datasets:
                     datasets.append(d)
+    return datasets
 
-    cols = _columns(records, splits)
+
+def _table(
+    by_variant: dict[str, list[dict[str, Any]]], cols: list[tuple[str, Any, str]]
+) -> dict[str, dict[str, Any]]:
+    """``{variant: {column: {"mean", "std", "n", "values"}}}`` of the main table."""
     table: dict[str, dict[str, Any]] = {}
     for v, rs in by_variant.items():
         row = {}
@@ -180,7 +177,13 @@ def summarize(records: list[dict[str, Any]], spec: ExperimentSpec | None = None)
                 "values": vals,
             }
         table[v] = row
+    return table
 
+
+def _per_dataset(
+    by_variant: dict[str, list[dict[str, Any]]], splits: Sequence[str], datasets: Sequence[str]
+) -> dict[str, Any]:
+    """``{split: {metric: {variant: {dataset: {"mean", "std", "n"}}}}}`` (empty cells left out)."""
     per_dataset: dict[str, Any] = {}
     for s in splits:
         per_dataset[s] = {}
@@ -197,7 +200,16 @@ def summarize(records: list[dict[str, Any]], spec: ExperimentSpec | None = None)
                     block[v] = cells
             if block:
                 per_dataset[s][key] = block
+    return per_dataset
 
+
+def _diffs(
+    table: dict[str, dict[str, Any]],
+    order: Sequence[str],
+    baseline: str | None,
+    cols: list[tuple[str, Any, str]],
+) -> dict[str, Any]:
+    """``{variant: {column: {"diff", "low", "high"} | None}}`` against the baseline (Welch)."""
     diff: dict[str, Any] = {}
     if baseline is not None and baseline in table:
         for v in order:
@@ -207,6 +219,14 @@ def summarize(records: list[dict[str, Any]], spec: ExperimentSpec | None = None)
             for name, _, _kind in cols:
                 ci = welch_interval(table[v][name]["values"], table[baseline][name]["values"])
                 diff[v][name] = None if ci is None else dict(zip(("diff", "low", "high"), ci))
+    return diff
+
+
+_ROUTING_KEYS = ("map_accuracy", "best_accuracy", "nmi", "mean_routing_entropy", "active_experts")
+
+
+def _routing_summary(by_variant: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per MoE variant and layer: mean/std of the routing metrics and the mean top-1 shares."""
     routing: dict[str, Any] = {}
     for v, rs in by_variant.items():
         runs = [r["routing"] for r in rs if r.get("routing")]
@@ -216,30 +236,48 @@ def summarize(records: list[dict[str, Any]], spec: ExperimentSpec | None = None)
         for i, layer in enumerate(runs[0]["layers"]):
             same = [r["layers"][i] for r in runs if len(r["layers"]) > i]
             entry: dict[str, Any] = {"name": layer["name"], "n": len(same)}
-            for key in (
-                "map_accuracy",
-                "best_accuracy",
-                "nmi",
-                "mean_routing_entropy",
-                "active_experts",
-            ):
+            for key in _ROUTING_KEYS:
                 ms = mean_std([x[key] for x in same if x.get(key) is not None])
                 entry[key] = None if ms is None else {"mean": ms[0], "std": ms[1]}
-            shares = [np.asarray(x["counts"], float) for x in same]
+            shares = [np.asarray(x["counts"], float) for x in same]  # [D, E] token counts
             shares = [c / np.maximum(c.sum(1, keepdims=True), 1) for c in shares]
             entry["mean_share"] = np.mean(shares, axis=0).tolist()
             layers.append(entry)
         routing[v] = {"datasets": runs[0]["datasets"], "layers": layers}
+    return routing
+
+
+def summarize(records: list[dict[str, Any]], spec: ExperimentSpec | None = None) -> dict[str, Any]:
+    """Per variant mean/std of every reported number and the differences to the baseline.
+
+    Args:
+        records: ``results.jsonl`` records (several specs may share a file: all are used).
+        spec: gives the variant order, the baseline and the splits (default: from records).
+
+    Returns:
+        JSON-able ``{"variants": [names], "baseline", "splits", "datasets",
+        "table": {variant: {column: {"mean", "std", "n", "values"}}},
+        "per_dataset": {split: {metric: {variant: {dataset: {"mean", "std", "n"}}}}},
+        "diff": {variant: {column: {"diff", "low", "high"} | None}},
+        "seeds": {variant: [seeds]}}``.
+    """
+    order, splits, baseline = _order_and_splits(records, spec)
+    by_variant = {v: [r for r in records if r["variant"] == v] for v in order}
+    by_variant = {v: sorted(rs, key=lambda r: r["seed"]) for v, rs in by_variant.items() if rs}
+    order = [v for v in order if v in by_variant]
+    datasets = _datasets(records, splits)
+    cols = _columns(records, splits)
+    table = _table(by_variant, cols)
     return {
-        "routing": routing,
+        "routing": _routing_summary(by_variant),
         "variants": order,
         "baseline": baseline if baseline in table else None,
         "splits": splits,
         "datasets": datasets,
         "columns": [[name, kind] for name, _, kind in cols],
         "table": table,
-        "per_dataset": per_dataset,
-        "diff": diff,
+        "per_dataset": _per_dataset(by_variant, splits, datasets),
+        "diff": _diffs(table, order, baseline, cols),
         "seeds": {v: [r["seed"] for r in rs] for v, rs in by_variant.items()},
         "iterations": {
             v: sorted({r.get("iterations") for r in rs}) for v, rs in by_variant.items()
@@ -265,82 +303,90 @@ def _cell(c: dict[str, Any], kind: str) -> str:
     return f"{_fmt(c['mean'], kind)} ± {_fmt(c['std'], kind)}"
 
 
-def summary_markdown(s: dict[str, Any], title: str = "") -> str:
-    """Markdown tables of :func:`summarize`'s output."""
-    cols = [(name, kind) for name, kind in s["columns"]]
-    lines = [f"## {title}\n" if title else ""]
-    lines.append(
+def _main_table_lines(s: dict[str, Any], cols: list[tuple[str, str]]) -> list[str]:
+    lines = [
         "Mean ± std over seeds (AP in %, COCO AP@[.5:.95] and AP50; `it/s` = training "
-        "iterations per second measured in each run; routing metrics on the test split)."
-    )
-    lines.append("")
-    lines.append("| variant | seeds | iterations | " + " | ".join(n for n, _ in cols) + " |")
-    lines.append("|---|---|---|" + "---|" * len(cols))
+        "iterations per second measured in each run; routing metrics on the test split).",
+        "",
+        "| variant | seeds | iterations | " + " | ".join(n for n, _ in cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
     for v in s["variants"]:
         seeds = ",".join(str(x) for x in s["seeds"][v])
         its = ",".join(str(x) for x in s["iterations"][v])
         cells = [_cell(s["table"][v][n], k) for n, k in cols]
         lines.append(f"| {v} | {seeds} | {its} | " + " | ".join(cells) + " |")
-    if s["diff"]:
-        base = s["baseline"]
+    return lines
+
+
+def _diff_lines(s: dict[str, Any], cols: list[tuple[str, str]]) -> list[str]:
+    """The table of differences to the baseline, then the equal-wall-clock iteration ratios."""
+    base = s["baseline"]
+    lines = [
+        "",
+        f"Difference to **{base}** (variant − {base}) with a 95 % Welch t interval "
+        "over seeds; an interval that excludes 0 is marked *.",
+        "",
+        "| variant | " + " | ".join(f"Δ {n}" for n, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for v, row in s["diff"].items():
+        cells = []
+        for n, k in cols:
+            d = row[n]
+            if d is None:
+                cells.append("n/a")
+                continue
+            star = "*" if d["low"] > 0 or d["high"] < 0 else ""
+            cells.append(f"{_fmt(d['diff'], k)} [{_fmt(d['low'], k)}, {_fmt(d['high'], k)}]{star}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    it_b = s["table"][base].get("it/s", {}).get("mean")
+    if it_b:
         lines += [
             "",
-            f"Difference to **{base}** (variant − {base}) with a 95 % Welch t interval "
-            "over seeds; an interval that excludes 0 is marked *.",
-            "",
-            "| variant | " + " | ".join(f"Δ {n}" for n, _ in cols) + " |",
-            "|---|" + "---|" * len(cols),
+            "Equal wall-clock: iterations a variant completes in the time the baseline "
+            "needs for one (ratio of the measured iteration rates): "
+            + ", ".join(
+                f"{v} {s['table'][v]['it/s']['mean'] / it_b:.2f}"
+                for v in s["variants"]
+                if s["table"][v].get("it/s", {}).get("mean")
+            ),
         ]
-        for v, row in s["diff"].items():
-            cells = []
-            for n, k in cols:
-                d = row[n]
-                if d is None:
-                    cells.append("n/a")
-                    continue
-                star = "*" if d["low"] > 0 or d["high"] < 0 else ""
-                cells.append(
-                    f"{_fmt(d['diff'], k)} [{_fmt(d['low'], k)}, {_fmt(d['high'], k)}]{star}"
-                )
-            lines.append(f"| {v} | " + " | ".join(cells) + " |")
-        it_b = s["table"][base].get("it/s", {}).get("mean")
-        if it_b:
-            lines += [
-                "",
-                "Equal wall-clock: iterations a variant completes in the time the baseline "
-                "needs for one (ratio of the measured iteration rates): "
-                + ", ".join(
-                    f"{v} {s['table'][v]['it/s']['mean'] / it_b:.2f}"
-                    for v in s["variants"]
-                    if s["table"][v].get("it/s", {}).get("mean")
-                ),
-            ]
-    if s.get("routing"):
-        lines += [
-            "",
-            "Routing on the test split per MoE layer (mean ± std over seeds): accuracy against "
-            "the configured map (meaningful for DAMEX only), best-assignment accuracy (each "
-            "expert serving at most ceil(D/E) datasets), NMI between dataset and expert, mean "
-            "per-dataset routing entropy (nats) and experts with >= 1 % of the tokens:",
-            "",
-            "| variant | layer | map acc. % | best-assign. acc. % | NMI | routing entropy "
-            "| active experts |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for v, block in s["routing"].items():
-            for layer in block["layers"]:
+    return lines
 
-                def cell(key: str, kind: str, layer: dict = layer) -> str:
-                    c = layer[key]
-                    if c is None:
-                        return "-"
-                    return _cell({"mean": c["mean"], "std": c["std"], "n": layer["n"]}, kind)
 
-                lines.append(
-                    f"| {v} | {layer['name']} | {cell('map_accuracy', 'pct')} | "
-                    f"{cell('best_accuracy', 'pct')} | {cell('nmi', 'num3')} | "
-                    f"{cell('mean_routing_entropy', 'num3')} | {cell('active_experts', 'num')} |"
-                )
+def _routing_lines(routing: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "Routing on the test split per MoE layer (mean ± std over seeds): accuracy against "
+        "the configured map (meaningful for DAMEX only), best-assignment accuracy (each "
+        "expert serving at most ceil(D/E) datasets), NMI between dataset and expert, mean "
+        "per-dataset routing entropy (nats) and experts with >= 1 % of the tokens:",
+        "",
+        "| variant | layer | map acc. % | best-assign. acc. % | NMI | routing entropy "
+        "| active experts |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v, block in routing.items():
+        for layer in block["layers"]:
+
+            def cell(key: str, kind: str, layer: dict = layer) -> str:
+                c = layer[key]
+                if c is None:
+                    return "-"
+                return _cell({"mean": c["mean"], "std": c["std"], "n": layer["n"]}, kind)
+
+            lines.append(
+                f"| {v} | {layer['name']} | {cell('map_accuracy', 'pct')} | "
+                f"{cell('best_accuracy', 'pct')} | {cell('nmi', 'num3')} | "
+                f"{cell('mean_routing_entropy', 'num3')} | {cell('active_experts', 'num')} |"
+            )
+    return lines
+
+
+def _per_dataset_lines(s: dict[str, Any]) -> list[str]:
+    """One table per split and metric (AP50, VOC AP50; AP is in the main table's mean only)."""
+    lines: list[str] = []
     for split, blocks in s["per_dataset"].items():
         for key, block in blocks.items():
             if key == "AP":
@@ -352,79 +398,88 @@ def summary_markdown(s: dict[str, Any], title: str = "") -> str:
             for v, cells in block.items():
                 row = [_cell(cells[d], "pct") if d in cells else "-" for d in ds]
                 lines.append(f"| {v} | " + " | ".join(row) + " |")
+    return lines
+
+
+def summary_markdown(s: dict[str, Any], title: str = "") -> str:
+    """Markdown tables of :func:`summarize`'s output."""
+    cols = [(name, kind) for name, kind in s["columns"]]
+    lines = [f"## {title}\n" if title else ""]
+    lines += _main_table_lines(s, cols)
+    if s["diff"]:
+        lines += _diff_lines(s, cols)
+    if s.get("routing"):
+        lines += _routing_lines(s["routing"])
+    lines += _per_dataset_lines(s)
     return "\n".join(lines).strip() + "\n"
 
 
-def save_plots(s: dict[str, Any], records: list[dict[str, Any]], out: Path) -> list[Path]:
-    """``ap_per_dataset.png`` and ``ap50_vs_minutes.png`` (test split, else the last split)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not s["variants"]:
-        return []
-    split = "test" if "test" in s["splits"] else s["splits"][-1]
-    written = []
+def _plot_ap_per_dataset(plt: Any, s: dict[str, Any], split: str, out: Path) -> Path | None:
+    """Bars of ``split`` AP50 per dataset (mean, error bar = std over seeds); None: no data."""
     block = s["per_dataset"].get(split, {}).get("AP50", {})
     ds = s["datasets"]
-    if block and ds:
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(ds) + 2), 3.6))
-        width = 0.8 / max(len(block), 1)
-        x = np.arange(len(ds))
-        for i, (v, cells) in enumerate(block.items()):
-            means = [100 * cells[d]["mean"] if d in cells else np.nan for d in ds]
-            stds = [100 * cells[d]["std"] if d in cells else 0.0 for d in ds]
-            ax.bar(
-                x + (i - (len(block) - 1) / 2) * width,
-                means,
-                width,
-                yerr=stds,
-                capsize=3,
-                label=f"{v} (n={len(s['seeds'][v])})",
-            )
-        ax.set_xticks(x, ds, rotation=20)
-        ax.set_ylabel(f"{split} AP50 (%)")
-        ax.set_title("AP50 per dataset: mean ± std over seeds")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "ap_per_dataset.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-    routing = s.get("routing") or {}
-    if routing:
-        panels = [(v, layer) for v, block in routing.items() for layer in block["layers"]]
-        fig, axes = plt.subplots(
-            1, len(panels), figsize=(max(4.5, 3.2 * len(panels)), 3.4), squeeze=False
+    if not (block and ds):
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(ds) + 2), 3.6))
+    width = 0.8 / max(len(block), 1)
+    x = np.arange(len(ds))
+    for i, (v, cells) in enumerate(block.items()):
+        means = [100 * cells[d]["mean"] if d in cells else np.nan for d in ds]
+        stds = [100 * cells[d]["std"] if d in cells else 0.0 for d in ds]
+        ax.bar(
+            x + (i - (len(block) - 1) / 2) * width,
+            means,
+            width,
+            yerr=stds,
+            capsize=3,
+            label=f"{v} (n={len(s['seeds'][v])})",
         )
-        for ax, (v, layer) in zip(axes[0], panels):
-            share = 100 * np.asarray(layer["mean_share"])
-            ax.imshow(share, vmin=0, vmax=100, cmap="viridis")
-            names = routing[v]["datasets"]
-            ax.set_yticks(range(len(names)), names, fontsize=7)
-            ax.set_xticks(
-                range(share.shape[1]), [f"E{e}" for e in range(share.shape[1])], fontsize=7
-            )
-            ax.set_title(f"{v} {layer['name']} (n={layer['n']})", fontsize=8)
-            for (r, c), val in np.ndenumerate(share):
-                ax.text(
-                    c,
-                    r,
-                    f"{val:.0f}",
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if val < 50 else "black",
-                )
-        fig.suptitle("test tokens' top-1 expert (% of the dataset), seed mean", fontsize=8)
-        fig.tight_layout()
-        path = out / "routing_shares.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    ax.set_xticks(x, ds, rotation=20)
+    ax.set_ylabel(f"{split} AP50 (%)")
+    ax.set_title("AP50 per dataset: mean ± std over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "ap_per_dataset.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
+
+def _plot_routing_shares(plt: Any, routing: dict[str, Any], out: Path) -> Path:
+    """One datasets x experts heatmap of top-1 shares per (MoE variant, layer)."""
+    panels = [(v, layer) for v, block in routing.items() for layer in block["layers"]]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(max(4.5, 3.2 * len(panels)), 3.4), squeeze=False
+    )
+    for ax, (v, layer) in zip(axes[0], panels):
+        share = 100 * np.asarray(layer["mean_share"])  # [D, E] percent
+        ax.imshow(share, vmin=0, vmax=100, cmap="viridis")
+        names = routing[v]["datasets"]
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xticks(range(share.shape[1]), [f"E{e}" for e in range(share.shape[1])], fontsize=7)
+        ax.set_title(f"{v} {layer['name']} (n={layer['n']})", fontsize=8)
+        for (r, c), val in np.ndenumerate(share):
+            ax.text(
+                c,
+                r,
+                f"{val:.0f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if val < 50 else "black",
+            )
+    fig.suptitle("test tokens' top-1 expert (% of the dataset), seed mean", fontsize=8)
+    fig.tight_layout()
+    path = out / "routing_shares.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_ap50_vs_minutes(
+    plt: Any, s: dict[str, Any], records: list[dict[str, Any]], split: str, out: Path
+) -> Path:
+    """``split`` mean AP50 against training minutes: a dot per run, mean ± std per variant."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for i, v in enumerate(s["variants"]):
         color = f"C{i}"
@@ -455,7 +510,27 @@ def save_plots(s: dict[str, Any], records: list[dict[str, Any]], out: Path) -> l
     path = out / "ap50_vs_minutes.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
+    return path
+
+
+def save_plots(s: dict[str, Any], records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``ap_per_dataset.png`` and ``ap50_vs_minutes.png`` (test split, else the last split)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not s["variants"]:
+        return []
+    split = "test" if "test" in s["splits"] else s["splits"][-1]
+    written = []
+    path = _plot_ap_per_dataset(plt, s, split, out)
+    if path is not None:
+        written.append(path)
+    routing = s.get("routing") or {}
+    if routing:
+        written.append(_plot_routing_shares(plt, routing, out))
+    written.append(_plot_ap50_vs_minutes(plt, s, records, split, out))
     return written
 
 
