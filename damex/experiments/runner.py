@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ import yaml
 
 from damex.errors import ConfigError, DamexError
 from damex.experiments.spec import ExperimentSpec, Variant
+from damex.experiments.summary import write_summary
 
 __all__ = [
     "PlannedRun",
@@ -428,6 +429,85 @@ def _execute_run(
     return record
 
 
+def _select_runs(spec: ExperimentSpec, only: list[str] | None) -> list[PlannedRun]:
+    """The spec's planned runs, only those of the ``only`` variants when given."""
+    runs = plan_runs(spec)
+    if only:
+        unknown = sorted(set(only) - {v.name for v in spec.variants})
+        if unknown:
+            raise ConfigError(f"--only: unknown variant(s) {unknown}")
+        runs = [r for r in runs if r.variant.name in only]
+    return runs
+
+
+def _print_commands(spec: ExperimentSpec, todo: list[PlannedRun], python: str) -> None:
+    """``--dry-run``: the train command of every run and the evaluate command of other splits."""
+    for r in todo:
+        print(" ".join(r.train_command(python)))
+        for s in spec.eval_splits:
+            if s != r.train_split:
+                print(" ".join(r.eval_command(s, python)))
+
+
+def _subprocess_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+@dataclass
+class _ResultWriter:
+    """Records a finished run, one thread at a time.
+
+    A record becomes a line of ``results.jsonl`` (then the summary is rewritten), a failure a
+    line of ``failures.jsonl``.
+
+    Attributes:
+        spec: the experiment spec.
+        keys: the run keys the summary covers.
+        parallel, threads: stored in every record (they change the measured iteration rate).
+    """
+
+    spec: ExperimentSpec
+    keys: set[str]
+    parallel: int
+    threads: int | None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(
+        self, run: PlannedRun, record: dict[str, Any] | None, err: Exception | None
+    ) -> None:
+        out = self.spec.output
+        results_path = out / RESULTS
+        with self._lock:
+            if err is not None:
+                logger.error("run %s failed: %s", run.key, err)
+                _append_line(
+                    out / FAILURES,
+                    {
+                        "key": run.key,
+                        "error": str(err),
+                        "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                    },
+                )
+                return
+            assert record is not None
+            record["parallel"], record["threads"] = self.parallel, self.threads
+            _append_line(results_path, record)
+            split = "test" if "test" in record["metrics"] else self.spec.eval_splits[-1]
+            logger.info(
+                "%s: %s AP50 %.3f, %d iterations in %.0f s",
+                run.key,
+                split,
+                record["metrics"][split]["mean"]["AP50"],
+                record["iterations"],
+                record["train_s"],
+            )
+            write_summary(self.spec, read_results(results_path), keys=self.keys)
+
+
 def run_experiments(
     spec: ExperimentSpec,
     *,
@@ -454,16 +534,9 @@ def run_experiments(
     Returns:
         All records of ``results.jsonl`` (finished runs of this and earlier invocations).
     """
-    from damex.experiments.summary import write_summary
-
     if parallel < 1:
         raise ConfigError(f"parallel must be >= 1, got {parallel}")
-    runs = plan_runs(spec)
-    if only:
-        unknown = sorted(set(only) - {v.name for v in spec.variants})
-        if unknown:
-            raise ConfigError(f"--only: unknown variant(s) {unknown}")
-        runs = [r for r in runs if r.variant.name in only]
+    runs = _select_runs(spec, only)
     keys = {r.key for r in runs}
     out = spec.output
     results_path = out / RESULTS
@@ -480,49 +553,15 @@ def run_experiments(
         out,
     )
     if dry_run:
-        for r in todo:
-            print(" ".join(r.train_command(python)))
-            for s in spec.eval_splits:
-                if s != r.train_split:
-                    print(" ".join(r.eval_command(s, python)))
+        _print_commands(spec, todo, python)
         return read_results(results_path)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{spec.name}.spec.yaml").write_text(
         yaml.safe_dump(_spec_record(spec), sort_keys=False), encoding="utf-8"
     )
-    env = dict(os.environ)
-    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    env = _subprocess_env(threads)
     lock = _take_lock(out)
-    write_lock = threading.Lock()
-
-    def finish(run: PlannedRun, record: dict[str, Any] | None, err: Exception | None) -> None:
-        with write_lock:
-            if err is not None:
-                logger.error("run %s failed: %s", run.key, err)
-                _append_line(
-                    out / FAILURES,
-                    {
-                        "key": run.key,
-                        "error": str(err),
-                        "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                    },
-                )
-                return
-            assert record is not None
-            record["parallel"], record["threads"] = parallel, threads
-            _append_line(results_path, record)
-            split = "test" if "test" in record["metrics"] else spec.eval_splits[-1]
-            logger.info(
-                "%s: %s AP50 %.3f, %d iterations in %.0f s",
-                run.key,
-                split,
-                record["metrics"][split]["mean"]["AP50"],
-                record["iterations"],
-                record["train_s"],
-            )
-            write_summary(spec, read_results(results_path), keys=keys)
+    finish = _ResultWriter(spec=spec, keys=keys, parallel=parallel, threads=threads)
 
     def work(n: int, run: PlannedRun) -> None:
         logger.info("[%d/%d] %s", n + 1, len(todo), run.key)
