@@ -50,7 +50,7 @@ from damex.errors import ConfigError, DatasetError
 from damex.structures import Batch, Sample, Target, normalize_boxes
 
 if TYPE_CHECKING:
-    from damex.config import Config
+    from damex.config import Config, DataConfig
     from damex.data.catalog import DatasetCatalog
     from damex.data.label_space import LabelSpace
 
@@ -473,6 +473,67 @@ def _dataset_id(label_space: LabelSpace, name: str) -> int:
         ) from None
 
 
+def _limited_subset(ds: CocoDetection, name: str, percent: float) -> list[int]:
+    """Indices into ``ds`` of its ``data.limited`` subset (``percent`` % of the images)."""
+    # The subset is a property of (dataset, percent), like the official fsPerc files: the
+    # same images as `tools/make_subsets.py` writes (seed 0), whatever train.seed is.
+    kept = select_subset(ds.image_ids, float(percent), seed=0)
+    subset = [i for i, image_id in enumerate(ds.image_ids) if image_id in kept]
+    logger.info("%s: limited to %d of %d images (%g%%)", name, len(subset), len(ds), percent)
+    return subset
+
+
+def _train_datasets(
+    data: DataConfig, catalog: DatasetCatalog, label_space: LabelSpace
+) -> tuple[list[CocoDetection], list[SampleTransform], list[list[int] | None]]:
+    """Per ``data.train`` dataset: the dataset, its training transform, its limited subset."""
+    datasets: list[CocoDetection] = []
+    transforms: list[SampleTransform] = []
+    subsets: list[list[int] | None] = []
+    for name in data.train:
+        spec = catalog.get(name)
+        ds = CocoDetection.from_spec(
+            spec,
+            data.train_split,
+            dataset_id=_dataset_id(label_space, name),
+            label_space=label_space,
+            out_of_bounds=data.out_of_bounds,
+            on_bad_sample=data.on_bad_sample,
+        )
+        if len(ds) == 0:
+            raise DatasetError(f"{ds.ann_file}: no usable training image in dataset {name!r}")
+        subset = None
+        if name in data.limited:
+            subset = _limited_subset(ds, name, data.limited[name])
+        datasets.append(ds)
+        transforms.append(build_transforms(data, spec, train=True))
+        subsets.append(subset)
+    return datasets, transforms, subsets
+
+
+def _train_sampler(
+    cfg: Config, train_set: TrainDataset, rank: int, world_size: int
+) -> DatasetAwareSampler:
+    data = cfg.data
+    factors = None
+    if data.sampler == "repeat_factor":
+        labels = [train_set.image_labels(i) for i in range(len(train_set))]
+        factors = repeat_factors(labels, data.repeat_threshold)
+    return DatasetAwareSampler(
+        train_set.sizes,
+        mode=data.sampler,
+        temperature=data.temperature,
+        repeat_factors=factors,
+        num_samples=data.epoch_size or None,
+        batch_size=cfg.train.batch_size,
+        homogeneous_batches=data.homogeneous_batches,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.train.seed,
+        drop_last=True,
+    )
+
+
 def build_train_loader(
     cfg: Config,
     catalog: DatasetCatalog,
@@ -505,60 +566,12 @@ def build_train_loader(
     """
     data = cfg.data  # validated by damex.config (data.train, data.sampler, data.limited)
     names = list(data.train)
-
-    datasets: list[CocoDetection] = []
-    transforms: list[SampleTransform] = []
-    subsets: list[list[int] | None] = []
-    for name in names:
-        spec = catalog.get(name)
-        ds = CocoDetection.from_spec(
-            spec,
-            data.train_split,
-            dataset_id=_dataset_id(label_space, name),
-            label_space=label_space,
-            out_of_bounds=data.out_of_bounds,
-            on_bad_sample=data.on_bad_sample,
-        )
-        if len(ds) == 0:
-            raise DatasetError(f"{ds.ann_file}: no usable training image in dataset {name!r}")
-        subset = None
-        if name in data.limited:
-            # The subset is a property of (dataset, percent), like the official fsPerc files: the
-            # same images as `tools/make_subsets.py` writes (seed 0), whatever train.seed is.
-            kept = select_subset(ds.image_ids, float(data.limited[name]), seed=0)
-            subset = [i for i, image_id in enumerate(ds.image_ids) if image_id in kept]
-            logger.info(
-                "%s: limited to %d of %d images (%g%%)",
-                name,
-                len(subset),
-                len(ds),
-                data.limited[name],
-            )
-        datasets.append(ds)
-        transforms.append(build_transforms(data, spec, train=True))
-        subsets.append(subset)
-
+    datasets, transforms, subsets = _train_datasets(data, catalog, label_space)
     counter = _SkipCounter(len(names), data.num_workers)
     train_set = TrainDataset(
         datasets, transforms, subsets, counter, in_flight=_InFlight(data.num_workers)
     )
-    factors = None
-    if data.sampler == "repeat_factor":
-        labels = [train_set.image_labels(i) for i in range(len(train_set))]
-        factors = repeat_factors(labels, data.repeat_threshold)
-    sampler = DatasetAwareSampler(
-        train_set.sizes,
-        mode=data.sampler,
-        temperature=data.temperature,
-        repeat_factors=factors,
-        num_samples=data.epoch_size or None,
-        batch_size=cfg.train.batch_size,
-        homogeneous_batches=data.homogeneous_batches,
-        rank=rank,
-        world_size=world_size,
-        seed=cfg.train.seed,
-        drop_last=True,
-    )
+    sampler = _train_sampler(cfg, train_set, rank, world_size)
     if rank == 0:
         for name, size in zip(names, train_set.sizes):
             logger.info("train dataset %s: %d images", name, size)
