@@ -13,12 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = [
-    "box_area",
-    "box_iou",
-    "generalized_box_iou",
-    "paired_box_iou",
-]
+__all__ = ["box_area", "generalized_box_iou"]
 
 _EPS = 1e-7
 
@@ -50,20 +45,6 @@ def _giou_from(a: Tensor, b: Tensor) -> Tensor:
     return iou - (hull - union) / hull.clamp(min=_EPS)
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise IoU.
-
-    Args:
-        boxes1: ``[N, 4]`` ``xyxy``.
-        boxes2: ``[M, 4]`` ``xyxy``.
-
-    Returns:
-        ``[N, M]`` IoU in ``[0, 1]``; 0 where both boxes are empty.
-    """
-    inter, union = _inter_union(boxes1[:, None, :], boxes2[None, :, :])  # [N, M]
-    return inter / union.clamp(min=_EPS)
-
-
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise generalized IoU.
 
@@ -75,9 +56,3 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         ``[N, M]`` GIoU in ``[-1, 1]``.
     """
     return _giou_from(boxes1[:, None, :], boxes2[None, :, :])  # [N, M]
-
-
-def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of corresponding boxes: ``[..., 4]`` and ``[..., 4]`` -> ``[...]``."""
-    inter, union = _inter_union(boxes1, boxes2)
-    return inter / union.clamp(min=_EPS)
