@@ -572,6 +572,25 @@ class TransformerOutput:
     spatial_shapes: list[tuple[int, int]]
 
 
+@dataclass
+class _DecoderQueries:
+    """The decoder's input sequence ``[DN | matching | one-to-many]`` of N tokens.
+
+    Attributes:
+        content: ``[B, N, D]`` content queries.
+        anchors: ``[B, N, 4]`` unsigmoided ``cxcywh`` anchors.
+        attn_mask: ``bool`` ``[N, N]`` self-attention mask (True = blocked), or None.
+        tags: per-token kind and matching-query index.
+        num_dn: DN tokens at the front.
+    """
+
+    content: Tensor
+    anchors: Tensor
+    attn_mask: Tensor | None
+    tags: TokenTags
+    num_dn: int
+
+
 class DeformableTransformer(nn.Module):
     """Encoder + query selection + decoder.
 
@@ -676,53 +695,96 @@ class DeformableTransformer(nn.Module):
         if len(srcs) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature levels, got {len(srcs)}")
         bsz = srcs[0].shape[0]
-        device = srcs[0].device
         shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, D]
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
         valid_ratios = valid_ratios_from_masks(masks)  # [B, L, 2] (x, y)
-
-        if len(self.encoder.layers):
-            pos_flat = torch.cat(
-                [
-                    sine_position_embedding(m, self.d_model // 2, self.pe_temperature)
-                    .flatten(2)
-                    .transpose(1, 2)
-                    + self.level_embed[lvl]
-                    for lvl, m in enumerate(masks)
-                ],
-                1,
-            ).to(src_flat.dtype)  # [B, S, D]
-            ref_points = encoder_reference_points(shapes, valid_ratios)
-            memory = self.encoder(src_flat, pos_flat, ref_points, shapes, mask_flat)
-        else:
-            memory = src_flat
+        memory = self._encode(src_flat, mask_flat, masks, shapes, valid_ratios)  # [B, S, D]
 
         num_o2m = self.one_to_many_queries if one_to_many else 0
-        num_select = self.num_queries + num_o2m
-        interm = None
-        if self.two_stage:
-            proposals, valid = encoder_proposals(mask_flat, shapes)
-            out_mem = memory.masked_fill(~valid[..., None], 0.0)
-            out_mem = self.enc_output_norm(self.enc_output(out_mem))  # [B, S, D]
-            enc_logits = self.enc_class_head(out_mem)  # [B, S, K]
-            enc_boxes_unsig = self.enc_box_head(out_mem) + proposals  # [B, S, 4]
-            if num_select > enc_logits.shape[1]:
-                raise ValueError(
-                    f"two-stage selection of {num_select} queries needs at least as many encoder "
-                    f"locations, got {enc_logits.shape[1]} (image too small for num_queries)"
-                )
-            scores = enc_logits.detach().float().amax(-1).masked_fill(~valid, float("-inf"))
-            topk = scores.topk(num_select, dim=1).indices  # [B, Q + Q2]
-            sel_boxes = torch.gather(enc_boxes_unsig, 1, topk[..., None].expand(-1, -1, 4))
-            q_idx = topk[:, : self.num_queries, None]
-            interm = Prediction(
-                logits=torch.gather(enc_logits, 1, q_idx.expand(-1, -1, enc_logits.shape[-1])),
-                boxes=sel_boxes[:, : self.num_queries].sigmoid(),
+        anchors, interm = self._select_anchors(
+            memory, mask_flat, shapes, self.num_queries + num_o2m
+        )  # [B, Q + Q2, 4]
+        q = self._decoder_queries(bsz, anchors, num_o2m, dn, srcs[0].device)
+        decoded = self.decoder(
+            q.content, q.anchors, memory, shapes, valid_ratios, mask_flat, q.attn_mask, q.tags
+        )
+        return TransformerOutput(
+            decoder=decoded,
+            num_dn=q.num_dn,
+            num_queries=self.num_queries,
+            num_one_to_many=num_o2m,
+            interm=interm,
+            memory=memory,
+            memory_padding_mask=mask_flat,
+            spatial_shapes=shapes,
+        )
+
+    def _encode(
+        self,
+        src_flat: Tensor,
+        mask_flat: Tensor,
+        masks: Sequence[Tensor],
+        shapes: list[tuple[int, int]],
+        valid_ratios: Tensor,
+    ) -> Tensor:
+        """The encoder's output ``[B, S, D]`` (``src_flat`` itself without encoder layers)."""
+        if not len(self.encoder.layers):
+            return src_flat
+        pos_flat = torch.cat(
+            [
+                sine_position_embedding(m, self.d_model // 2, self.pe_temperature)
+                .flatten(2)
+                .transpose(1, 2)
+                + self.level_embed[lvl]
+                for lvl, m in enumerate(masks)
+            ],
+            1,
+        ).to(src_flat.dtype)  # [B, S, D]
+        ref_points = encoder_reference_points(shapes, valid_ratios)
+        return self.encoder(src_flat, pos_flat, ref_points, shapes, mask_flat)
+
+    def _select_anchors(
+        self, memory: Tensor, mask_flat: Tensor, shapes: list[tuple[int, int]], num_select: int
+    ) -> tuple[Tensor, Prediction | None]:
+        """The decoder's initial anchors and, two-stage, the top-Q proposals' predictions.
+
+        Returns:
+            ``(anchors, interm)``: anchors ``[B, num_select, 4]`` (unsigmoided ``cxcywh``,
+            detached); ``interm`` is None with learned anchors.
+        """
+        if not self.two_stage:
+            bsz = memory.shape[0]
+            return self.refpoint_embed.weight[:num_select][None].expand(bsz, -1, -1), None
+        proposals, valid = encoder_proposals(mask_flat, shapes)
+        out_mem = memory.masked_fill(~valid[..., None], 0.0)
+        out_mem = self.enc_output_norm(self.enc_output(out_mem))  # [B, S, D]
+        enc_logits = self.enc_class_head(out_mem)  # [B, S, K]
+        enc_boxes_unsig = self.enc_box_head(out_mem) + proposals  # [B, S, 4]
+        if num_select > enc_logits.shape[1]:
+            raise ValueError(
+                f"two-stage selection of {num_select} queries needs at least as many encoder "
+                f"locations, got {enc_logits.shape[1]} (image too small for num_queries)"
             )
-            anchors = sel_boxes.detach()  # [B, Q + Q2, 4]
-        else:
-            anchors = self.refpoint_embed.weight[:num_select][None].expand(bsz, -1, -1)
+        scores = enc_logits.detach().float().amax(-1).masked_fill(~valid, float("-inf"))
+        topk = scores.topk(num_select, dim=1).indices  # [B, Q + Q2]
+        sel_boxes = torch.gather(enc_boxes_unsig, 1, topk[..., None].expand(-1, -1, 4))
+        q_idx = topk[:, : self.num_queries, None]
+        interm = Prediction(
+            logits=torch.gather(enc_logits, 1, q_idx.expand(-1, -1, enc_logits.shape[-1])),
+            boxes=sel_boxes[:, : self.num_queries].sigmoid(),
+        )
+        return sel_boxes.detach(), interm  # [B, Q + Q2, 4]
+
+    def _decoder_queries(
+        self,
+        bsz: int,
+        anchors: Tensor,
+        num_o2m: int,
+        dn: DenoisingQueries | None,
+        device: torch.device,
+    ) -> _DecoderQueries:
+        """The decoder sequence ``[DN | matching | one-to-many]``: content, anchors, tags, mask."""
         content = self.tgt_embed.weight[None].expand(bsz, -1, -1)  # [B, Q, D]
         if num_o2m:
             content = torch.cat([content, self.o2m_tgt_embed.weight[None].expand(bsz, -1, -1)], 1)
@@ -756,16 +818,6 @@ class DeformableTransformer(nn.Module):
                 device=device,
             )
         tags = TokenTags(kind=torch.cat(kinds, 1).long(), query=torch.cat(queries, 1).long())
-        decoded = self.decoder(
-            content, anchors, memory, shapes, valid_ratios, mask_flat, attn_mask, tags
-        )
-        return TransformerOutput(
-            decoder=decoded,
-            num_dn=num_dn,
-            num_queries=self.num_queries,
-            num_one_to_many=num_o2m,
-            interm=interm,
-            memory=memory,
-            memory_padding_mask=mask_flat,
-            spatial_shapes=shapes,
+        return _DecoderQueries(
+            content=content, anchors=anchors, attn_mask=attn_mask, tags=tags, num_dn=num_dn
         )
