@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,13 +33,20 @@ from damex.evaluation.routing import routing_markdown, routing_summary
 from damex.modeling.criterion import build_criterion
 from damex.structures import Detections, Sample
 from damex.viz import (
+    draw_boxes,
     draw_detections,
     draw_expert_overlay,
+    legend_strip,
+    palette,
     query_experts,
     save_png,
     save_routing_figures,
     write_routing_report,
 )
+from damex.viz.boxes import select_for_display, upscale_for_display
+
+if TYPE_CHECKING:
+    from damex.predictor import NativeDetections, Predictor
 
 __all__ = [
     "evaluate_checkpoint",
@@ -99,6 +107,81 @@ def _scaled(det: Detections, orig_size: torch.Tensor, size: torch.Tensor) -> Det
     return Detections(det.boxes * scale, det.scores, det.labels, det.query_index)
 
 
+def _eval_with_routing(
+    cfg: Config,
+    model: torch.nn.Module,
+    postprocess: Any,
+    data: Any,
+    loaders: dict[str, Any],
+    tokens: str,
+    precomputed: tuple[Any, Any] | None,
+) -> tuple[Any, Any]:
+    """``(EvalResults, RoutingStats)``: ``precomputed`` when it has routing, else inference."""
+    if precomputed is not None and precomputed[1] is not None:
+        return precomputed
+    criterion = build_criterion(cfg, data.label_space.num_classes)
+    return run_inference(
+        model,
+        postprocess,
+        loaders,
+        data.label_space,
+        routing_stats=True,
+        routing_tokens=tokens,
+        expert_of_dataset=data.expert_of_dataset,
+        matcher=criterion.matcher,
+        voc_metric=cfg.eval.voc_metric,
+    )
+
+
+def _draw_overlays(
+    model: torch.nn.Module,
+    postprocess: Any,
+    loaders: dict[str, Any],
+    device: torch.device,
+    out: Path,
+    *,
+    per_dataset: int,
+    layer: int,
+    layer_name: str,
+    num_experts: int,
+    class_names: list[str],
+) -> dict[str, list[Path]]:
+    """Up to ``per_dataset`` overlays per test dataset: detections coloured by their expert.
+
+    The expert of each query is its top-1 in MoE layer ``layer``; the images are written to
+    ``out/overlays/<dataset>/<image id>_<layer_name>.png``.
+    """
+    overlays: dict[str, list[Path]] = {}
+    for name, loader in loaders.items():
+        drawn = 0
+        for batch in loader:
+            if drawn >= per_dataset:
+                break
+            batch = batch.to(device)
+            pred = model(batch)
+            dets = postprocess(pred.pred, batch.orig_sizes)
+            for b in range(len(batch)):
+                if drawn >= per_dataset:
+                    break
+                experts = query_experts(
+                    pred.routing[layer], image_index=b, num_queries=pred.pred.logits.shape[1]
+                )
+                det = _scaled(dets[b].to("cpu"), batch.orig_sizes[b], batch.image_sizes[b])
+                img = draw_expert_overlay(
+                    _to_uint8_image(batch.images[b], batch.image_sizes[b]),
+                    det,
+                    experts,
+                    num_experts=num_experts,
+                    class_names=class_names,
+                )
+                image_id = int(batch.image_ids[b])
+                path = out / "overlays" / name / f"{image_id}_{layer_name}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                overlays.setdefault(name, []).append(save_png(img, path))
+                drawn += 1
+    return overlays
+
+
 @torch.no_grad()
 def visualize_routing(
     cfg: Config,
@@ -134,21 +217,7 @@ def visualize_routing(
     model, postprocess, data, _ = load_for_inference(cfg, checkpoint, device=device)
     ls = data.label_space
     loaders = data.test_loaders(cfg)
-    if precomputed is not None and precomputed[1] is not None:
-        results, stats = precomputed
-    else:
-        criterion = build_criterion(cfg, ls.num_classes)
-        results, stats = run_inference(
-            model,
-            postprocess,
-            loaders,
-            ls,
-            routing_stats=True,
-            routing_tokens=tokens,
-            expert_of_dataset=data.expert_of_dataset,
-            matcher=criterion.matcher,
-            voc_metric=cfg.eval.voc_metric,
-        )
+    results, stats = _eval_with_routing(cfg, model, postprocess, data, loaders, tokens, precomputed)
     if stats is None:
         raise ConfigError(f"visualize-routing: the model of {checkpoint} returned no routing")
     emap = data.expert_map.to_dict()  # the datasets that have an expert
@@ -162,38 +231,19 @@ def visualize_routing(
     (out / "routing.md").write_text(routing_markdown(summary), encoding="utf-8")
     figures = save_routing_figures(summary, out)
 
-    overlays: dict[str, list[Path]] = {}
-    per_dataset = max(int(cfg.eval.report_images), 0)
-    num_experts = stats.num_experts
     layer = stats.num_layers - 1  # the last MoE layer: closest to the detections
-    layer_name = _moe_layer_names(cfg)[layer]
-    for name, loader in loaders.items():
-        drawn = 0
-        for batch in loader:
-            if drawn >= per_dataset:
-                break
-            batch = batch.to(device)
-            pred = model(batch)
-            dets = postprocess(pred.pred, batch.orig_sizes)
-            for b in range(len(batch)):
-                if drawn >= per_dataset:
-                    break
-                experts = query_experts(
-                    pred.routing[layer], image_index=b, num_queries=pred.pred.logits.shape[1]
-                )
-                det = _scaled(dets[b].to("cpu"), batch.orig_sizes[b], batch.image_sizes[b])
-                img = draw_expert_overlay(
-                    _to_uint8_image(batch.images[b], batch.image_sizes[b]),
-                    det,
-                    experts,
-                    num_experts=num_experts,
-                    class_names=ls.names,
-                )
-                image_id = int(batch.image_ids[b])
-                path = out / "overlays" / name / f"{image_id}_{layer_name}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                overlays.setdefault(name, []).append(save_png(img, path))
-                drawn += 1
+    overlays = _draw_overlays(
+        model,
+        postprocess,
+        loaders,
+        device,
+        out,
+        per_dataset=max(int(cfg.eval.report_images), 0),
+        layer=layer,
+        layer_name=_moe_layer_names(cfg)[layer],
+        num_experts=stats.num_experts,
+        class_names=ls.names,
+    )
     report = write_routing_report(
         out,
         summary,
@@ -270,6 +320,73 @@ def run_demo(
     return written
 
 
+def _explained_doc(
+    f: Path,
+    det: NativeDetections,
+    shown: torch.Tensor,
+    checkpoint: str | os.PathLike[str],
+    expert_map: dict[str, int],
+    display: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``<stem>.json`` of one image: every detection, ``shown`` marking the drawn ones."""
+    records = det.records()
+    for r in records:
+        r["shown"] = False
+    for i in shown.tolist():
+        records[i]["shown"] = True
+    return {
+        "image": str(f),
+        "size": list(det.image_size),
+        "checkpoint": str(checkpoint),
+        "moe_layers": list(det.layer_names),
+        "expert_map": expert_map,
+        "display": display,
+        "detections": records,
+    }
+
+
+def _explained_overlay(
+    f: Path, sub: NativeDetections, predictor: Predictor, num_experts: int, min_side: int
+) -> np.ndarray:
+    """The ``<stem>.png`` of one image: ``sub`` drawn and labelled, then the expert legend.
+
+    The image is enlarged to ``min_side`` first; each box is labelled
+    ``<class> <score> E<expert per layer>`` and coloured by its expert in the last MoE layer
+    (by its label without MoE layers).
+    """
+    colors = palette(max(num_experts, 1))
+    label_colors = palette(max(predictor.label_space.num_classes, 1))
+    with Image.open(f) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    canvas, boxes = upscale_for_display(rgb, sub.boxes, min_side=min_side)
+    font = max(12, round(min(canvas.shape[:2]) / 36))
+    texts, box_colors = [], []
+    for i in range(len(sub)):
+        experts = "/".join(f"E{int(e)}" for e in sub.experts[i].tolist())
+        texts.append(f"{sub.names[i]} {float(sub.scores[i]):.2f} {experts}".strip())
+        if num_experts:
+            box_colors.append(colors[int(sub.experts[i, -1]) % len(colors)])
+        else:
+            box_colors.append(label_colors[int(sub.labels[i])])
+    img = draw_boxes(canvas, boxes, colors=box_colors, texts=texts, width=3, font_size=font)
+    if not num_experts:
+        return img
+    entries = [
+        (f"E{e}: {', '.join(predictor.expert_datasets.get(e, [])) or '-'}", colors[e])
+        for e in range(num_experts)
+    ]
+    layers = "/".join(predictor.layer_names)
+    caption = [(f"E<a>/<b>: top-1 expert in {layers}; colour: the last", (255, 255, 255))]
+    return np.concatenate(
+        (
+            img,
+            legend_strip(img.shape[1], entries, font),
+            legend_strip(img.shape[1], caption, font),
+        ),
+        0,
+    )
+
+
 def run_explained_demo(
     cfg: Config,
     checkpoint: str | os.PathLike[str],
@@ -296,70 +413,23 @@ def run_explained_demo(
     Returns:
         The written PNG files, in input order (each with its JSON beside it).
     """
-    import json
-
-    from PIL import Image
-
     from damex.predictor import Predictor
-    from damex.viz import legend_strip, palette
-    from damex.viz.boxes import draw_boxes, select_for_display, upscale_for_display
 
     files = _image_files(Path(input_path))
     device = dist_utils.resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     predictor = Predictor.from_checkpoint(checkpoint, config=cfg, device=device)
     num_experts = int(cfg.moe.num_experts) if predictor.layer_names else 0
-    colors = palette(max(num_experts, 1))
-    label_colors = palette(max(predictor.label_space.num_classes, 1))
+    display = {"top_n": top_n, "min_score": min_score, "relative": relative}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for f in files:
         det = predictor(f)
         shown = select_for_display(det, top_n=top_n, min_score=min_score, relative=relative)
-        records = det.records()
-        for r in records:
-            r["shown"] = False
-        for i in shown.tolist():
-            records[i]["shown"] = True
-        doc = {
-            "image": str(f),
-            "size": list(det.image_size),
-            "checkpoint": str(checkpoint),
-            "moe_layers": list(det.layer_names),
-            "expert_map": dict(predictor.expert_map),
-            "display": {"top_n": top_n, "min_score": min_score, "relative": relative},
-            "detections": records,
-        }
+        doc = _explained_doc(f, det, shown, checkpoint, dict(predictor.expert_map), display)
         (out / f"{f.stem}.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         sub = det.select(shown)
-        with Image.open(f) as im:
-            rgb = np.asarray(im.convert("RGB"))
-        canvas, boxes = upscale_for_display(rgb, sub.boxes, min_side=min_side)
-        font = max(12, round(min(canvas.shape[:2]) / 36))
-        texts, box_colors = [], []
-        for i in range(len(sub)):
-            experts = "/".join(f"E{int(e)}" for e in sub.experts[i].tolist())
-            texts.append(f"{sub.names[i]} {float(sub.scores[i]):.2f} {experts}".strip())
-            if num_experts:
-                box_colors.append(colors[int(sub.experts[i, -1]) % len(colors)])
-            else:
-                box_colors.append(label_colors[int(sub.labels[i])])
-        img = draw_boxes(canvas, boxes, colors=box_colors, texts=texts, width=3, font_size=font)
-        if num_experts:
-            entries = [
-                (f"E{e}: {', '.join(predictor.expert_datasets.get(e, [])) or '-'}", colors[e])
-                for e in range(num_experts)
-            ]
-            layers = "/".join(predictor.layer_names)
-            caption = [(f"E<a>/<b>: top-1 expert in {layers}; colour: the last", (255, 255, 255))]
-            img = np.concatenate(
-                (
-                    img,
-                    legend_strip(img.shape[1], entries, font),
-                    legend_strip(img.shape[1], caption, font),
-                ),
-                0,
-            )
+        img = _explained_overlay(f, sub, predictor, num_experts, min_side)
         written.append(save_png(img, out / f"{f.stem}.png"))
         logger.info("%s: %d detections, %d drawn", f, len(det), len(sub))
     return written
