@@ -95,6 +95,20 @@ def _metric(split: str, dataset: str | None, key: str) -> Callable[[dict[str, An
     return get
 
 
+def _dataset_mean(split: str, key: str) -> Callable[[dict[str, Any]], Any]:
+    """Mean over a run's datasets of a per-dataset number the record has no mean of."""
+
+    def get(rec: dict[str, Any]) -> Any:
+        m = rec.get("metrics", {}).get(split)
+        if m is None:
+            return None
+        values = [_valid(d.get(key)) for d in m["datasets"].values()]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    return get
+
+
 def _routing(key: str) -> Callable[[dict[str, Any]], Any]:
     def get(rec: dict[str, Any]) -> Any:
         r = rec.get("routing")
@@ -115,6 +129,13 @@ def _columns(records: list[dict[str, Any]], splits: Sequence[str]) -> list[tuple
         cols.append((f"{split} AP50", _metric(split, None, "AP50"), "pct"))
         if any("VOC_AP50" in r.get("metrics", {}).get(split, {}).get("mean", {}) for r in records):
             cols.append((f"{split} VOC AP50", _metric(split, None, "VOC_AP50"), "pct"))
+    if "test" in splits and any(
+        "foreign_share" in d
+        for r in records
+        for d in r.get("metrics", {}).get("test", {}).get("datasets", {}).values()
+    ):
+        # share of a dataset's detections that carry another dataset's label (domain confusion)
+        cols.append(("test foreign %", _dataset_mean("test", "foreign_share"), "pct"))
     cols += [
         ("train min", lambda r: None if r.get("train_s") is None else r["train_s"] / 60, "num"),
         ("it/s", _field("it_s"), "num3"),

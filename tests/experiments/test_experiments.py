@@ -18,6 +18,7 @@ import yaml
 from damex.errors import ConfigError
 from damex.experiments import load_spec, read_results, summarize, welch_interval
 from damex.experiments.cli import main as experiments_main
+from damex.experiments.summary import summary_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -158,6 +159,24 @@ def test_summarize_means_std_and_baseline_difference() -> None:
     assert "b" not in s["per_dataset"]["test"]["AP50"]["base"]  # -1 = undefined, left out
     assert s["diff"] == {}  # no baseline without a spec
     assert s["table"]["base"]["it/s"]["std"] == 0.0
+    assert "test foreign %" not in s["table"]["base"]  # no run counted foreign labels
+
+
+def test_summary_reports_the_mean_foreign_share_over_datasets() -> None:
+    def rec(seed: int, shares: tuple[float, float]) -> dict:
+        ds = {n: {"AP": 0.1, "AP50": 0.2, "foreign_share": f} for n, f in zip("ab", shares)}
+        return {
+            "variant": "damex",
+            "seed": seed,
+            "key": f"damex/{seed}",
+            "metrics": {"test": {"mean": {"AP": 0.1, "AP50": 0.2}, "datasets": ds}},
+            "routing": None,
+        }
+
+    s = summarize([rec(0, (0.1, 0.3)), rec(1, (0.0, 0.2))])
+    cell = s["table"]["damex"]["test foreign %"]
+    assert cell["values"] == pytest.approx([0.2, 0.1]) and cell["mean"] == pytest.approx(0.15)
+    assert "| test foreign % |" in summary_markdown(s)
 
 
 def _test_metrics(results_json: Path) -> dict:
