@@ -317,6 +317,36 @@ class CocoBuilder:
             BadRecord: non-finite or inverted box, unknown category, out of bounds with
                 ``out_of_bounds="error"``.
         """
+        x0, y0, x1, y1 = self._checked_corners(xyxy, image_size, category_id, where)
+        w, h = _r(x1 - x0), _r(y1 - y0)
+        if w <= 0 or h <= 0:
+            self.report.skip("zero-area box", where)
+            return False
+        ann_id = self._claim_ann_id(ann_id, where)
+        self.annotations.append(
+            {
+                "id": int(ann_id),
+                "image_id": int(image_id),
+                "category_id": int(category_id),
+                "bbox": [_r(x0), _r(y0), w, h],
+                "area": _r(w * h) if area is None else float(area),
+                "iscrowd": int(bool(iscrowd)),
+            }
+        )
+        if iscrowd:
+            self.report.ignored += 1
+        else:
+            self.report.boxes += 1
+        return True
+
+    def _checked_corners(
+        self,
+        xyxy: tuple[float, float, float, float],
+        image_size: tuple[int, int],
+        category_id: int,
+        where: str,
+    ) -> tuple[float, float, float, float]:
+        """``xyxy`` as floats, validated and clipped to the image (clipping is counted)."""
         x0, y0, x1, y1 = (float(v) for v in xyxy)
         width, height = image_size
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
@@ -345,10 +375,10 @@ class CocoBuilder:
             x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
             y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
             self.report.clipped += 1
-        w, h = _r(x1 - x0), _r(y1 - y0)
-        if w <= 0 or h <= 0:
-            self.report.skip("zero-area box", where)
-            return False
+        return x0, y0, x1, y1
+
+    def _claim_ann_id(self, ann_id: int | None, where: str) -> int:
+        """Reserve ``ann_id``, or the next free id 1, 2, ... when it is None."""
         if ann_id is None:
             ann_id = len(self.annotations) + 1
             while ann_id in self._ann_ids:
@@ -356,21 +386,7 @@ class CocoBuilder:
         elif ann_id in self._ann_ids:
             raise BadRecord(where, f"annotation id {ann_id} appears twice", "duplicate id")
         self._ann_ids.add(ann_id)
-        self.annotations.append(
-            {
-                "id": int(ann_id),
-                "image_id": int(image_id),
-                "category_id": int(category_id),
-                "bbox": [_r(x0), _r(y0), w, h],
-                "area": _r(w * h) if area is None else float(area),
-                "iscrowd": int(bool(iscrowd)),
-            }
-        )
-        if iscrowd:
-            self.report.ignored += 1
-        else:
-            self.report.boxes += 1
-        return True
+        return ann_id
 
     def add_record(self, record: ImageRecord) -> int:
         """Add an image and its boxes; bad boxes go through the bad-sample policy."""
