@@ -270,6 +270,9 @@ class MoEConfig:
     shared_expert: bool = False  # DeepSeekMoE: a shared FFN for every token, added to the routed
     unit_gate: bool = False  # top-1 combine weight 1 (straight-through gradient to the router)
     expert_init: ExpertInit = "independent"
+    # the router reads a detached copy of the tokens: the routing losses (DAMEX, balance) and the
+    # gates train the router only, never the features it reads
+    router_detach: bool = False
     # set by `damex extend`: experts 0..base_experts-1 predate the added ones; their gates ignore
     # the added experts, so tokens routed to them get the pre-extension output (0 = off)
     base_experts: int = 0

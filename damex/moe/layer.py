@@ -80,6 +80,8 @@ class MoEFFN(nn.Module):
             zero: the routed part starts as 0, so with ``shared_expert`` the layer starts as the
             shared FFN alone and the routed experts grow as per-dataset residuals, like a
             zero-initialised residual branch).
+        router_detach: route a detached copy of ``x``: the routing losses and the gates then
+            train the router's weights only, not the token features it reads.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class MoEFFN(nn.Module):
         unit_gate: bool = False,
         base_experts: int = 0,
         expert_init: str = "independent",
+        router_detach: bool = False,
     ) -> None:
         super().__init__()
         if expert_init not in EXPERT_INITS:
@@ -148,6 +151,7 @@ class MoEFFN(nn.Module):
             self.experts.zero_output_()
         self.expert_init = expert_init
         self.unit_gate = bool(unit_gate)
+        self.router_detach = bool(router_detach)
         # the shared expert is built after the routed ones so that shared_expert=False leaves
         # the RNG stream (hence the routed experts' init) unchanged
         self.shared = (
@@ -191,7 +195,8 @@ class MoEFFN(nn.Module):
         return (
             f"capacity_factor={self.capacity_factor}, capacity_group={self.capacity_group}, "
             f"expert_offset={self.expert_offset}, shared_expert={self.shared is not None}, "
-            f"unit_gate={self.unit_gate}, expert_init={self.expert_init}, routing={self.routing}"
+            f"unit_gate={self.unit_gate}, expert_init={self.expert_init}, routing={self.routing}, "
+            f"router_detach={self.router_detach}"
         )
 
     def forward(self, x: Tensor, token_image: Tensor | None = None) -> tuple[Tensor, RoutingInfo]:
@@ -213,7 +218,7 @@ class MoEFFN(nn.Module):
             raise ValueError(
                 f"token_image must be [T={num_tokens}], got {tuple(token_image.shape)}"
             )
-        route = self.router(x)  # logits / expert / gate
+        route = self.router(x.detach() if self.router_detach else x)  # logits / expert / gate
         group, num_groups = group_index(token_image, num_tokens, self.capacity_group, x.device)
         sizes = torch.bincount(group, minlength=num_groups)
         if self.routing == "expert_choice":  # every expert takes its top-C tokens per group

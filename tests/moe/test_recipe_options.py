@@ -100,6 +100,24 @@ def test_zero_out_experts_start_as_the_shared_ffn_and_then_learn() -> None:
     assert not torch.equal(moe.experts[0].fc1.weight, moe.experts[1].fc1.weight)
 
 
+def test_router_detach_keeps_routing_gradients_out_of_the_tokens() -> None:
+    for detach in (False, True):
+        torch.manual_seed(0)
+        moe = _layer(router_detach=detach)
+        x = torch.randn(10, 8, requires_grad=True)
+        _, info = moe(x)
+        info.logits.logsumexp(-1).sum().backward()  # a loss on the router's logits only
+        assert moe.router.weight.grad.abs().sum() > 0
+        assert (x.grad is not None and x.grad.abs().sum() > 0) != detach
+    # the routing itself does not change
+    torch.manual_seed(0)
+    a = _layer()
+    torch.manual_seed(0)
+    b = _layer(router_detach=True)
+    x = torch.randn(10, 8)
+    torch.testing.assert_close(a(x)[0], b(x)[0])
+
+
 def test_independent_experts_differ() -> None:
     torch.manual_seed(0)
     moe = _layer()
@@ -175,11 +193,12 @@ def test_recipe_config_fields_reach_the_model_and_criterion(tmp_path) -> None:
     cfg = load_config(
         path,
         ["moe.shared_expert=true", "moe.norm=post", "moe.unit_gate=true", "moe.num_experts=2",
-         "moe.expert_init=identical", "moe.loss_schedule=ramp", "moe.loss_weight=0.5"],
+         "moe.expert_init=identical", "moe.loss_schedule=ramp", "moe.loss_weight=0.5",
+         "moe.router_detach=true"],
     )  # fmt: skip
     block = build_model(cfg.model, cfg.moe, 3).transformer.decoder.layers[2].ffn
     assert isinstance(block, MoEBlock) and block.norm_position == "post"
-    assert block.moe.shared is not None and block.moe.unit_gate
+    assert block.moe.shared is not None and block.moe.unit_gate and block.moe.router_detach
     assert torch.equal(block.moe.experts[0].fc1.weight, block.moe.experts[1].fc1.weight)
     crit = build_criterion(cfg, 3)
     assert crit.moe_schedule == "ramp" and crit.moe_weight == 0.0
