@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from damex.data.converters.common import (
@@ -122,6 +123,41 @@ def _find_image(image_dir: Path, stem: str, exts: Sequence[str]) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class _DotaLabelParser:
+    """``parse`` for :func:`convert_records`: label file -> its :func:`parse_dota_label` record.
+
+    Finds ``<id>`` in ``image_dir`` (first of ``image_exts``) and reads its size.
+    """
+
+    image_dir: Path
+    image_exts: Sequence[str]
+    file_name_prefix: str
+    class_to_id: dict[str, int]
+    difficult: FlagPolicy
+    issues: Issues
+
+    def __call__(self, label_path: Path) -> ImageRecord:
+        image_path = _find_image(self.image_dir, label_path.stem, self.image_exts)
+        if image_path is None:
+            exts = ",".join(self.image_exts)
+            raise BadRecord(
+                str(label_path),
+                f"image not found: {self.image_dir / label_path.stem}{{{exts}}}",
+                "missing image",
+            )
+        width, height = read_image_size(image_path, where=str(label_path))
+        return parse_dota_label(
+            label_path,
+            file_name=f"{self.file_name_prefix}{image_path.name}",
+            width=width,
+            height=height,
+            class_to_id=self.class_to_id,
+            difficult=self.difficult,
+            issues=self.issues,
+        )
+
+
 def convert_dota(
     label_dir: Path,
     image_dir: Path,
@@ -165,7 +201,6 @@ def convert_dota(
     check_choice("difficult", difficult, FLAG_POLICIES)
     label_dir, image_dir = Path(label_dir), Path(image_dir)
     classes = list(classes or UODB_CLASSES["dota"])
-    class_to_id = {name: i for i, name in enumerate(classes, start=1)}
     builder = split_builder(
         dataset=dataset,
         split=split,
@@ -174,26 +209,14 @@ def convert_dota(
         out_of_bounds=out_of_bounds,
         description=f"{dataset} {split} converted from DOTA labelTxt ({label_dir})",
     )
-
-    def parse(label_path: Path) -> ImageRecord:
-        image_path = _find_image(image_dir, label_path.stem, image_exts)
-        if image_path is None:
-            raise BadRecord(
-                str(label_path),
-                f"image not found: {image_dir / label_path.stem}{{{','.join(image_exts)}}}",
-                "missing image",
-            )
-        width, height = read_image_size(image_path, where=str(label_path))
-        return parse_dota_label(
-            label_path,
-            file_name=f"{file_name_prefix}{image_path.name}",
-            width=width,
-            height=height,
-            class_to_id=class_to_id,
-            difficult=difficult,
-            issues=builder.issues,
-        )
-
+    parse = _DotaLabelParser(
+        image_dir=image_dir,
+        image_exts=image_exts,
+        file_name_prefix=file_name_prefix,
+        class_to_id={name: i for i, name in enumerate(classes, start=1)},
+        difficult=difficult,
+        issues=builder.issues,
+    )
     if not label_dir.is_dir():
         raise DatasetError(f"{label_dir}: label folder not found (expected labelTxt/<id>.txt)")
     label_files = sorted(label_dir.glob("*.txt"))
