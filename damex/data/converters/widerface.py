@@ -160,6 +160,44 @@ def iter_wider_records(gt_txt: Path, issues: Issues) -> Iterator[WiderRecord]:
         yield WiderRecord(path=path, line=path_line, faces=faces)
 
 
+@dataclass(frozen=True)
+class _WiderImageParser:
+    """``parse`` for :func:`convert_records`: :class:`WiderRecord` -> :class:`ImageRecord`.
+
+    Reads the image's size and applies the ``invalid`` policy to its faces.
+    """
+
+    gt_txt: Path
+    image_dir: Path
+    file_name_prefix: str
+    invalid: FlagPolicy
+    report: ConversionReport
+
+    def __call__(self, rec: WiderRecord) -> ImageRecord:
+        where = f"{self.gt_txt}:{rec.line}"
+        width, height = read_image_size(self.image_dir / rec.path, where=where)
+        record = ImageRecord(
+            where=where, file_name=f"{self.file_name_prefix}{rec.path}", width=width, height=height
+        )
+        for face in rec.faces:
+            fwhere = f"{self.gt_txt}:{face.line}"
+            if face.invalid and self.invalid == "drop":
+                self.report.skip("invalid face dropped", fwhere)
+                continue
+            record.objects.append(
+                ObjectRecord(
+                    where=fwhere,
+                    category_id=1,
+                    x0=face.x,
+                    y0=face.y,
+                    x1=face.x + face.w,
+                    y1=face.y + face.h,
+                    iscrowd=int(face.invalid and self.invalid == "ignore"),
+                )
+            )
+        return record
+
+
 def convert_widerface(
     gt_txt: Path,
     image_dir: Path,
@@ -211,30 +249,13 @@ def convert_widerface(
         description=f"{dataset} {split} converted from {gt_txt.name}",
     )
     records = list(iter_wider_records(gt_txt, builder.issues))
-
-    def parse(rec: WiderRecord) -> ImageRecord:
-        where = f"{gt_txt}:{rec.line}"
-        width, height = read_image_size(image_dir / rec.path, where=where)
-        record = ImageRecord(
-            where=where, file_name=f"{file_name_prefix}{rec.path}", width=width, height=height
-        )
-        for face in rec.faces:
-            fwhere = f"{gt_txt}:{face.line}"
-            if face.invalid and invalid == "drop":
-                builder.report.skip("invalid face dropped", fwhere)
-                continue
-            record.objects.append(
-                ObjectRecord(
-                    where=fwhere,
-                    category_id=1,
-                    x0=face.x,
-                    y0=face.y,
-                    x1=face.x + face.w,
-                    y1=face.y + face.h,
-                    iscrowd=int(face.invalid and invalid == "ignore"),
-                )
-            )
-        return record
+    parse = _WiderImageParser(
+        gt_txt=gt_txt,
+        image_dir=image_dir,
+        file_name_prefix=file_name_prefix,
+        invalid=invalid,
+        report=builder.report,
+    )
 
     return convert_records(
         builder,
