@@ -37,6 +37,20 @@ __all__ = ["EXPERT_INITS", "MoEFFN"]
 EXPERT_INITS = ("independent", "identical", "zero_out")
 
 
+def _check_options(
+    *, expert_init: str, unit_gate: bool, top_k: int, capacity_group: str, routing: str
+) -> None:
+    """:class:`MoEFFN`'s checks of its string options and of ``unit_gate`` (``ValueError``)."""
+    if expert_init not in EXPERT_INITS:
+        raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
+    if unit_gate and top_k != 1:
+        raise ValueError(f"unit_gate needs top_k=1 (one gate set to 1), got top_k={top_k}")
+    if capacity_group not in choices(CapacityGroup):
+        raise ValueError(f"capacity_group must be 'image' or 'batch', got {capacity_group!r}")
+    if routing not in choices(RoutingMode):
+        raise ValueError(f"routing must be one of {choices(RoutingMode)}, got {routing!r}")
+
+
 class MoEFFN(nn.Module):
     """Sparse mixture-of-experts feed-forward block (docs/design.md §2.3).
 
@@ -82,6 +96,10 @@ class MoEFFN(nn.Module):
             zero-initialised residual branch).
         router_detach: route a detached copy of ``x``: the routing losses and the gates then
             train the router's weights only, not the token features it reads.
+        router_context: the router reads ``[x ; c]``, ``c`` the mean over the token's image of
+            the tokens marked by ``context_mask`` (an image-level context: an image's tokens can
+            agree on one expert; it needs to know which tokens share an image, never a dataset
+            id). The router's weight is then ``[E, 2d]``.
     """
 
     def __init__(
@@ -107,16 +125,16 @@ class MoEFFN(nn.Module):
         base_experts: int = 0,
         expert_init: str = "independent",
         router_detach: bool = False,
+        router_context: bool = False,
     ) -> None:
         super().__init__()
-        if expert_init not in EXPERT_INITS:
-            raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
-        if unit_gate and top_k != 1:
-            raise ValueError(f"unit_gate needs top_k=1 (one gate set to 1), got top_k={top_k}")
-        if capacity_group not in choices(CapacityGroup):
-            raise ValueError(f"capacity_group must be 'image' or 'batch', got {capacity_group!r}")
-        if routing not in choices(RoutingMode):
-            raise ValueError(f"routing must be one of {choices(RoutingMode)}, got {routing!r}")
+        _check_options(
+            expert_init=expert_init,
+            unit_gate=unit_gate,
+            top_k=top_k,
+            capacity_group=capacity_group,
+            routing=routing,
+        )
         self.routing = routing
         self.d_model = d_model
         self.hidden_dim = hidden_dim
@@ -124,8 +142,9 @@ class MoEFFN(nn.Module):
         self.top_k = top_k
         self.capacity_factor = float(capacity_factor)
         self.capacity_group = capacity_group
+        self.router_context = bool(router_context)
         self.router = TopKRouter(
-            d_model=d_model,
+            d_model=2 * d_model if router_context else d_model,
             num_experts=num_experts,
             top_k=top_k,
             gate_noise=gate_noise,
@@ -144,12 +163,7 @@ class MoEFFN(nn.Module):
             fc2_bias=fc2_bias,
             cpu_threads=cpu_threads,
         )
-        if expert_init == "identical":
-            first = self.experts[0]
-            self.experts.load_dense_(first.fc1, first.fc2)
-        elif expert_init == "zero_out":
-            self.experts.zero_output_()
-        self.expert_init = expert_init
+        self._init_experts_(expert_init)
         self.unit_gate = bool(unit_gate)
         self.router_detach = bool(router_detach)
         # the shared expert is built after the routed ones so that shared_expert=False leaves
@@ -165,22 +179,37 @@ class MoEFFN(nn.Module):
             if shared_expert
             else None
         )
+        self._spread_experts_(expert_parallel_group)
+
+    def _init_experts_(self, expert_init: str) -> None:
+        """Apply ``expert_init`` to the freshly built routed experts."""
+        if expert_init == "identical":
+            first = self.experts[0]
+            self.experts.load_dense_(first.fc1, first.fc2)
+        elif expert_init == "zero_out":
+            self.experts.zero_output_()
+        self.expert_init = expert_init
+
+    def _spread_experts_(self, group: dist.ProcessGroup | None) -> None:
+        """Keep this rank's ``E / W`` experts of ``group``; ``expert_offset`` is the first's index.
+
+        None keeps all experts (offset 0).
+        """
         # held by reference: a deep copy of the layer (its EMA) talks to the same group
-        self._ep_group = (
-            None if expert_parallel_group is None else ProcessGroupRef(expert_parallel_group)
-        )
+        self._ep_group = None if group is None else ProcessGroupRef(group)
         self.expert_offset = 0
-        if expert_parallel_group is not None:
-            world = dist.get_world_size(expert_parallel_group)
-            rank = dist.get_rank(expert_parallel_group)
-            if num_experts % world != 0:
-                raise ValueError(
-                    f"expert parallelism needs num_experts % world_size == 0, "
-                    f"got {num_experts} experts on {world} ranks"
-                )
-            local = num_experts // world
-            self.expert_offset = rank * local
-            self.experts.keep_(range(self.expert_offset, self.expert_offset + local))
+        if group is None:
+            return
+        world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        if self.num_experts % world != 0:
+            raise ValueError(
+                f"expert parallelism needs num_experts % world_size == 0, "
+                f"got {self.num_experts} experts on {world} ranks"
+            )
+        local = self.num_experts // world
+        self.expert_offset = rank * local
+        self.experts.keep_(range(self.expert_offset, self.expert_offset + local))
 
     @property
     def expert_parallel_group(self) -> dist.ProcessGroup | None:
@@ -199,13 +228,32 @@ class MoEFFN(nn.Module):
             f"router_detach={self.router_detach}"
         )
 
-    def forward(self, x: Tensor, token_image: Tensor | None = None) -> tuple[Tensor, RoutingInfo]:
+    def router_input(
+        self, x: Tensor, token_image: Tensor | None, context_mask: Tensor | None
+    ) -> Tensor:
+        """What the router reads: ``x`` (detached with ``router_detach``), with
+        ``router_context`` concatenated with the mean of its image's ``context_mask`` tokens."""
+        rx = x.detach() if self.router_detach else x
+        if not self.router_context:
+            return rx
+        image = token_image if token_image is not None else x.new_zeros(len(x), dtype=torch.long)
+        weight = rx.new_ones(len(x)) if context_mask is None else context_mask.to(rx.dtype)  # [T]
+        num_images = int(image.max()) + 1 if len(image) else 0
+        total = rx.new_zeros(num_images, rx.shape[1]).index_add_(0, image, rx * weight[:, None])
+        count = rx.new_zeros(num_images).index_add_(0, image, weight).clamp_min(1.0)
+        return torch.cat([rx, (total / count[:, None])[image]], dim=-1)  # [T, 2d]
+
+    def forward(
+        self, x: Tensor, token_image: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> tuple[Tensor, RoutingInfo]:
         """Route, dispatch, compute and combine.
 
         Args:
             x: ``[T, d]`` tokens (already normalized by the caller if pre-norm).
             token_image: ``int64 [T]`` image index of each token (capacity groups and, later,
                 the DAMEX targets); None = all tokens in one group, ``token_image`` all zeros.
+            context_mask: ``bool [T]``, the tokens averaged into the router's image context
+                (``router_context``); None = all.
 
         Returns:
             ``y [T, d]`` (only the expert mixture: zero rows for dropped tokens; in the autocast
@@ -218,7 +266,7 @@ class MoEFFN(nn.Module):
             raise ValueError(
                 f"token_image must be [T={num_tokens}], got {tuple(token_image.shape)}"
             )
-        route = self.router(x.detach() if self.router_detach else x)  # logits / expert / gate
+        route = self.router(self.router_input(x, token_image, context_mask))  # logits/expert/gate
         group, num_groups = group_index(token_image, num_tokens, self.capacity_group, x.device)
         sizes = torch.bincount(group, minlength=num_groups)
         if self.routing == "expert_choice":  # every expert takes its top-C tokens per group
