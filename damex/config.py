@@ -273,6 +273,9 @@ class MoEConfig:
     # the router reads a detached copy of the tokens: the routing losses (DAMEX, balance) and the
     # gates train the router only, never the features it reads
     router_detach: bool = False
+    # the router also reads the mean of the image's matching-query tokens (an image-level
+    # context, no dataset id): logits = W [x ; mean_image(x)]
+    router_context: bool = False
     # set by `damex extend`: experts 0..base_experts-1 predate the added ones; their gates ignore
     # the added experts, so tokens routed to them get the pre-extension output (0 = off)
     base_experts: int = 0

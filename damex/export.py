@@ -87,6 +87,7 @@ class StaticMoE(nn.Module):
         self.experts = layer.experts
         self.shared = layer.shared
         self.unit_gate = bool(layer.unit_gate)
+        self.router_context = bool(layer.router_context)
         self.num_experts = layer.num_experts
         self.top_k = layer.top_k
         self.tokens_per_image = int(tokens_per_image)
@@ -127,7 +128,12 @@ class StaticMoE(nn.Module):
         return (torch.stack(slots, -1) < self.capacity).reshape(-1, k)
 
     def forward(self, x: Tensor, token_image: Tensor | None = None) -> tuple[Tensor, RoutingInfo]:
-        route = self.router(x)  # the layer's own router (eval: no noise)
+        rx = x
+        if self.router_context:  # inference: every token is a matching query of its image
+            per_image = x.view(-1, self.tokens_per_image, x.shape[-1])
+            ctx = per_image.mean(1, keepdim=True).expand_as(per_image).reshape(x.shape)
+            rx = torch.cat([x, ctx], dim=-1)
+        route = self.router(rx)  # the layer's own router (eval: no noise)
         expert, gate = route.expert, route.gate  # [T, k]
         kept = self._kept(expert, gate)
         combine = torch.ones_like(gate) if self.unit_gate else gate

@@ -108,6 +108,7 @@ def _build_moe_block(
         base_experts=moe_cfg.base_experts,
         expert_init=moe_cfg.expert_init,
         router_detach=moe_cfg.router_detach,
+        router_context=moe_cfg.router_context,
     )
     return MoEBlock(
         moe=moe, d_model=model_cfg.d_model, drop_path=moe_cfg.drop_path, norm=moe_cfg.norm

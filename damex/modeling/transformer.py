@@ -208,7 +208,10 @@ class MoEBlock(nn.Module):
         pre = self.norm_position == "pre"
         flat = (self.norm(x) if pre else x).reshape(bsz * num, dim)  # [B*N, D], batch-major
         token_image = torch.arange(bsz, device=x.device).repeat_interleave(num)  # [B*N]
-        y, info = self.moe(flat, token_image)
+        # the router's image context averages matching queries only (no DN / padding tokens,
+        # which exist in training only and whose label embeddings name the dataset)
+        context = (tags.kind == int(TokenKind.MATCHING)).reshape(-1)
+        y, info = self.moe(flat, token_image, context_mask=context)
         info = info.with_tokens(tags.kind.reshape(-1), tags.query.reshape(-1))
         y = y.view(bsz, num, dim).to(x.dtype)
         out = x + drop_path(y, self.drop_path, self.training)

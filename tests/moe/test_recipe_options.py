@@ -118,6 +118,29 @@ def test_router_detach_keeps_routing_gradients_out_of_the_tokens() -> None:
     torch.testing.assert_close(a(x)[0], b(x)[0])
 
 
+def test_router_context_is_the_mean_of_the_images_masked_tokens() -> None:
+    torch.manual_seed(0)
+    moe = _layer(router_context=True, router_detach=True)
+    assert tuple(moe.router.weight.shape) == (3, 16)  # [E, 2d]: token and image context
+    with torch.no_grad():
+        moe.router.weight[:, :8] = 0  # context half only: an image's tokens must agree
+    x = torch.randn(12, 8)
+    image = torch.tensor([0] * 5 + [1] * 7)
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[[3, 4, 10]] = False  # e.g. DN queries: not part of the context
+    _, info = moe(x, image, context_mask=mask)
+    for i in (0, 1):
+        rows = info.logits[image == i]
+        torch.testing.assert_close(rows, rows[:1].expand_as(rows))
+        mean = x[(image == i) & mask].mean(0)
+        torch.testing.assert_close(rows[0], moe.router.weight[:, 8:] @ mean)
+    # a masked token's features do not move any token's routing
+    x2 = x.clone()
+    x2[[3, 10]] += 5.0
+    _, info2 = moe(x2, image, context_mask=mask)
+    torch.testing.assert_close(info2.logits, info.logits)
+
+
 def test_independent_experts_differ() -> None:
     torch.manual_seed(0)
     moe = _layer()
@@ -194,11 +217,12 @@ def test_recipe_config_fields_reach_the_model_and_criterion(tmp_path) -> None:
         path,
         ["moe.shared_expert=true", "moe.norm=post", "moe.unit_gate=true", "moe.num_experts=2",
          "moe.expert_init=identical", "moe.loss_schedule=ramp", "moe.loss_weight=0.5",
-         "moe.router_detach=true"],
+         "moe.router_detach=true", "moe.router_context=true"],
     )  # fmt: skip
     block = build_model(cfg.model, cfg.moe, 3).transformer.decoder.layers[2].ffn
     assert isinstance(block, MoEBlock) and block.norm_position == "post"
     assert block.moe.shared is not None and block.moe.unit_gate and block.moe.router_detach
+    assert block.moe.router_context
     assert torch.equal(block.moe.experts[0].fc1.weight, block.moe.experts[1].fc1.weight)
     crit = build_criterion(cfg, 3)
     assert crit.moe_schedule == "ramp" and crit.moe_weight == 0.0
