@@ -41,7 +41,6 @@ from damex.config import VOCMetric
 __all__ = ["VOCMetric", "VOCResult", "voc_ap", "voc_eval", "is_ignore"]
 
 
-
 @dataclass(frozen=True)
 class VOCResult:
     """VOC AP of one dataset.
@@ -106,6 +105,101 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def _evaluated_images(gt: Mapping[str, Any], image_ids: Sequence[int] | None) -> set[int]:
+    """The ids of the evaluated images: ``image_ids`` (checked against ``gt``) or all."""
+    images = {int(im["id"]) for im in gt["images"]}
+    if image_ids is not None:
+        wanted = {int(i) for i in image_ids}
+        missing = wanted - images
+        if missing:
+            raise ValueError(f"image ids {sorted(missing)[:10]} are not images of the GT")
+        images = wanted
+    return images
+
+
+@dataclass
+class _GroundTruth:
+    """The evaluated GT boxes, grouped by ``(image, category)``.
+
+    Attributes:
+        boxes: ``(image, category)`` -> ``[M]`` xywh boxes.
+        ignore: ``(image, category)`` -> ``[M]`` ignore flags.
+        npos: category -> non-ignored boxes (the recall's denominator).
+    """
+
+    boxes: dict[tuple[int, int], list[list[float]]]
+    ignore: dict[tuple[int, int], list[bool]]
+    npos: dict[int, int]
+
+    @classmethod
+    def from_coco(
+        cls, gt: Mapping[str, Any], images: set[int], names: Mapping[int, str]
+    ) -> _GroundTruth:
+        truth = cls(boxes=defaultdict(list), ignore=defaultdict(list), npos=dict.fromkeys(names, 0))
+        for a in gt["annotations"]:
+            img, cat = int(a["image_id"]), int(a["category_id"])
+            if img not in images or cat not in names:
+                continue
+            truth.boxes[img, cat].append([float(v) for v in a["bbox"]])
+            flag = is_ignore(a)
+            truth.ignore[img, cat].append(flag)
+            truth.npos[cat] += not flag
+        return truth
+
+
+def _detections_by_category(
+    detections: Sequence[Mapping[str, Any]], images: set[int], names: Mapping[int, str]
+) -> dict[int, list[tuple[float, int, int, np.ndarray]]]:
+    """category -> ``(score, input index, image, [4] xywh box)`` of its detections."""
+    dets_by_cat: dict[int, list[tuple[float, int, int, np.ndarray]]] = defaultdict(list)
+    for i, d in enumerate(detections):
+        img = int(d["image_id"])
+        if img not in images:
+            raise ValueError(f"detection {i}: image_id {img} is not an evaluated image")
+        cat = int(d["category_id"])
+        if cat in names:
+            dets_by_cat[cat].append((float(d["score"]), i, img, np.asarray(d["bbox"], float)))
+    return dets_by_cat
+
+
+def _category_ap(
+    truth: _GroundTruth,
+    cat: int,
+    detections: list[tuple[float, int, int, np.ndarray]],
+    *,
+    iou_threshold: float,
+    metric: VOCMetric,
+) -> float:
+    """AP of one category with positives (steps 1-5 of the module docstring)."""
+    boxes, ignore = truth.boxes, truth.ignore
+    dets = sorted(detections, key=lambda t: (-t[0], t[1]))
+    tp = np.zeros(len(dets))
+    fp = np.zeros(len(dets))
+    used = {key: np.zeros(len(v), dtype=bool) for key, v in boxes.items() if key[1] == cat}
+    for k, (_, _, img, box) in enumerate(dets):
+        key = (img, cat)
+        if key not in used:
+            fp[k] = 1
+            continue
+        ious = _iou(box, np.asarray(boxes[key]))  # [M]
+        j = int(np.argmax(ious))
+        if ious[j] > iou_threshold:
+            if ignore[key][j]:
+                continue  # an ignore region: neither true nor false positive
+            if used[key][j]:
+                fp[k] = 1  # a duplicate detection of a matched box
+            else:
+                tp[k] = 1
+                used[key][j] = True
+        else:
+            fp[k] = 1
+    ctp, cfp = np.cumsum(tp), np.cumsum(fp)
+    counted = (tp + fp) > 0  # ignored detections do not move the curve
+    recall = ctp[counted] / truth.npos[cat]
+    precision = ctp[counted] / np.maximum(ctp[counted] + cfp[counted], np.finfo(float).eps)
+    return voc_ap(recall, precision, metric) if recall.size else 0.0
+
+
 def voc_eval(
     gt: Mapping[str, Any],
     detections: Sequence[Mapping[str, Any]],
@@ -131,71 +225,23 @@ def voc_eval(
         raise ValueError(f"metric must be 'area' or '11point', got {metric!r}")
     if not 0.0 <= iou_threshold < 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold}")
-    images = {int(im["id"]) for im in gt["images"]}
-    if image_ids is not None:
-        wanted = {int(i) for i in image_ids}
-        missing = wanted - images
-        if missing:
-            raise ValueError(f"image ids {sorted(missing)[:10]} are not images of the GT")
-        images = wanted
+    images = _evaluated_images(gt, image_ids)
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in gt["categories"]}
-    # (image, category) -> [M, 4] boxes and [M] ignore flags
-    boxes: dict[tuple[int, int], list[list[float]]] = defaultdict(list)
-    ignore: dict[tuple[int, int], list[bool]] = defaultdict(list)
-    npos: dict[int, int] = dict.fromkeys(names, 0)
-    for a in gt["annotations"]:
-        img, cat = int(a["image_id"]), int(a["category_id"])
-        if img not in images or cat not in names:
-            continue
-        boxes[img, cat].append([float(v) for v in a["bbox"]])
-        flag = is_ignore(a)
-        ignore[img, cat].append(flag)
-        npos[cat] += not flag
-    dets_by_cat: dict[int, list[tuple[float, int, int, np.ndarray]]] = defaultdict(list)
-    for i, d in enumerate(detections):
-        img = int(d["image_id"])
-        if img not in images:
-            raise ValueError(f"detection {i}: image_id {img} is not an evaluated image")
-        cat = int(d["category_id"])
-        if cat in names:
-            dets_by_cat[cat].append((float(d["score"]), i, img, np.asarray(d["bbox"], float)))
-
+    truth = _GroundTruth.from_coco(gt, images, names)
+    dets_by_cat = _detections_by_category(detections, images, names)
     per_category: dict[str, float] = {}
     for cat, name in names.items():
-        if npos[cat] == 0:
+        if truth.npos[cat] == 0:
             per_category[name] = -1.0
             continue
-        dets = sorted(dets_by_cat.get(cat, []), key=lambda t: (-t[0], t[1]))
-        tp = np.zeros(len(dets))
-        fp = np.zeros(len(dets))
-        used = {key: np.zeros(len(v), dtype=bool) for key, v in boxes.items() if key[1] == cat}
-        for k, (_, _, img, box) in enumerate(dets):
-            key = (img, cat)
-            if key not in used:
-                fp[k] = 1
-                continue
-            ious = _iou(box, np.asarray(boxes[key]))  # [M]
-            j = int(np.argmax(ious))
-            if ious[j] > iou_threshold:
-                if ignore[key][j]:
-                    continue  # an ignore region: neither true nor false positive
-                if used[key][j]:
-                    fp[k] = 1  # a duplicate detection of a matched box
-                else:
-                    tp[k] = 1
-                    used[key][j] = True
-            else:
-                fp[k] = 1
-        ctp, cfp = np.cumsum(tp), np.cumsum(fp)
-        counted = (tp + fp) > 0  # ignored detections do not move the curve
-        recall = ctp[counted] / npos[cat]
-        precision = ctp[counted] / np.maximum(ctp[counted] + cfp[counted], np.finfo(float).eps)
-        per_category[name] = voc_ap(recall, precision, metric) if recall.size else 0.0
+        per_category[name] = _category_ap(
+            truth, cat, dets_by_cat.get(cat, []), iou_threshold=iou_threshold, metric=metric
+        )
     defined = [v for v in per_category.values() if v >= 0]
     return VOCResult(
         ap=float(np.mean(defined)) if defined else -1.0,
         per_category=per_category,
         metric=metric,
         iou_threshold=iou_threshold,
-        num_positives={names[c]: n for c, n in npos.items()},
+        num_positives={names[c]: n for c, n in truth.npos.items()},
     )
