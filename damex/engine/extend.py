@@ -145,6 +145,62 @@ def _moe_prefixes(state: Mapping[str, Tensor]) -> list[str]:
     return sorted(k[: -len("router.weight")] for k in state if k.endswith("moe.router.weight"))
 
 
+def _grown_tensor(
+    key: str, w: Tensor, fresh: Tensor, src_map: Mapping[str, int], *, keep_proposals: bool
+) -> tuple[Tensor, int]:
+    """The old ``w`` grown along dim 0 to ``fresh``'s shape, and its count of frozen rows.
+
+    The new rows keep ``fresh``'s init, except the proposal head's (``keep_proposals``) and a
+    router's (the source expert's row, or the mean row).
+    """
+    if w.dim() != fresh.dim() or any(a > b for a, b in zip(w.shape, fresh.shape)):
+        raise CheckpointError(
+            f"extend: cannot grow {key} from {tuple(w.shape)} to {tuple(fresh.shape)}"
+        )
+    if tuple(w.shape[1:]) != tuple(fresh.shape[1:]):
+        raise CheckpointError(
+            f"extend: {key} changes beyond its first dimension: {tuple(w.shape)} -> "
+            f"{tuple(fresh.shape)}"
+        )
+    grown = fresh.clone()
+    rows = w.shape[0]
+    if key.endswith("label_embed.weight"):  # [K + 1, D]: the spare row moves to the end
+        grown[: rows - 1] = w[: rows - 1]
+        grown[-1] = w[-1]
+        frozen = rows - 1
+    else:
+        grown[:rows] = w
+        frozen = rows
+    if keep_proposals and key.startswith(_PROPOSAL_HEAD):
+        grown[rows:] = _NEVER if key.endswith("bias") else 0.0
+        frozen = grown.shape[0]
+    if key.endswith("moe.router.weight"):
+        prefix = key[: -len("router.weight")]
+        src = src_map.get(prefix, -1)
+        grown[rows:] = w[src] if src >= 0 else w.mean(0)
+    return grown, frozen
+
+
+def _new_expert_tensor(
+    key: str,
+    old: Mapping[str, Tensor],
+    prefixes: Sequence[str],
+    old_experts: int,
+    src_map: Mapping[str, int],
+) -> Tensor:
+    """A parameter of the new expert (``<prefix>experts.ffn.<E>.<...>``): its source's or the
+    mean of the old experts'."""
+    prefix = next((p for p in prefixes if key.startswith(f"{p}experts.ffn.{old_experts}.")), None)
+    if prefix is None:
+        raise CheckpointError(f"extend: {key} is new but is not part of a new expert")
+    tail = key[len(f"{prefix}experts.ffn.{old_experts}.") :]
+    src = src_map[prefix]
+    if src >= 0:
+        return old[f"{prefix}experts.ffn.{src}.{tail}"].clone()
+    stack = torch.stack([old[f"{prefix}experts.ffn.{e}.{tail}"] for e in range(old_experts)])
+    return stack.mean(0)
+
+
 def grow_state_dict(
     old: Mapping[str, Tensor],
     new_model: nn.Module,
@@ -182,54 +238,15 @@ def grow_state_dict(
     prefixes = _moe_prefixes(old)
     src_map = {p: int((source_expert or {}).get(p, -1)) for p in prefixes}
     for key, fresh in new_state.items():
-        if key in old:
-            w = old[key]
-            if w.shape == fresh.shape:
-                out[key] = w.clone()
-                continue
-            if w.dim() != fresh.dim() or any(a > b for a, b in zip(w.shape, fresh.shape)):
-                raise CheckpointError(
-                    f"extend: cannot grow {key} from {tuple(w.shape)} to {tuple(fresh.shape)}"
-                )
-            if tuple(w.shape[1:]) != tuple(fresh.shape[1:]):
-                raise CheckpointError(
-                    f"extend: {key} changes beyond its first dimension: {tuple(w.shape)} -> "
-                    f"{tuple(fresh.shape)}"
-                )
-            grown = fresh.clone()
-            rows = w.shape[0]
-            if key.endswith("label_embed.weight"):  # [K + 1, D]: the spare row moves to the end
-                grown[: rows - 1] = w[: rows - 1]
-                grown[-1] = w[-1]
-                frozen_rows[key] = rows - 1
-            else:
-                grown[:rows] = w
-                frozen_rows[key] = rows
-            if keep_proposals and key.startswith(_PROPOSAL_HEAD):
-                grown[rows:] = _NEVER if key.endswith("bias") else 0.0
-                frozen_rows[key] = grown.shape[0]
-            if key.endswith("moe.router.weight"):
-                prefix = key[: -len("router.weight")]
-                src = src_map.get(prefix, -1)
-                grown[rows:] = w[src] if src >= 0 else w.mean(0)
-            out[key] = grown
-            continue
-        # a parameter of the new expert: <prefix>experts.ffn.<E>.<...>
-        prefix = next(
-            (p for p in prefixes if key.startswith(f"{p}experts.ffn.{old_experts}.")), None
-        )
-        if prefix is None:
-            raise CheckpointError(f"extend: {key} is new but is not part of a new expert")
-        tail = key[len(f"{prefix}experts.ffn.{old_experts}.") :]
-        src = src_map[prefix]
-        if src >= 0:
-            out[key] = old[f"{prefix}experts.ffn.{src}.{tail}"].clone()
+        if key not in old:
+            out[key] = _new_expert_tensor(key, old, prefixes, old_experts, src_map)
+            new_keys.append(key)
+        elif old[key].shape == fresh.shape:
+            out[key] = old[key].clone()
         else:
-            stack = torch.stack(
-                [old[f"{prefix}experts.ffn.{e}.{tail}"] for e in range(old_experts)]
+            out[key], frozen_rows[key] = _grown_tensor(
+                key, old[key], fresh, src_map, keep_proposals=keep_proposals
             )
-            out[key] = stack.mean(0)
-        new_keys.append(key)
     plan = ExtendPlan(
         old_experts=old_experts,
         old_classes=old_classes,
