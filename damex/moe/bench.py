@@ -31,6 +31,61 @@ def _dense_ffn(d_model: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
 
 
+def _bench_configs(
+    experts: Sequence[int],
+    capacity_factors: Sequence[float],
+    *,
+    d_model: int,
+    hidden: int,
+    top_k: int,
+    seed: int,
+    device: torch.device,
+    threaded: bool,
+) -> list[tuple[int, float | None, bool | None, nn.Module]]:
+    """``(E, cf, cpu_threads, module)`` to time: the dense FFN first, then every MoE layer."""
+    configs: list[tuple[int, float | None, bool | None, nn.Module]] = [
+        (0, None, None, _dense_ffn(d_model, hidden).to(device))
+    ]
+    for num_experts in experts:
+        if num_experts <= 0:
+            continue
+        for cf in capacity_factors:
+            for thr in (False, True) if threaded else (None,):
+                torch.manual_seed(seed + num_experts)  # same weights with and without
+                layer = MoEFFN(
+                    d_model=d_model,
+                    hidden_dim=hidden,
+                    num_experts=num_experts,
+                    top_k=min(top_k, num_experts),
+                    capacity_factor=cf,
+                    cpu_threads=thr,
+                ).to(device)
+                configs.append((num_experts, cf, thr, layer))
+    return configs
+
+
+def _time_rounds(
+    configs: list[tuple[int, float | None, bool | None, nn.Module]],
+    x: Tensor,
+    token_image: Tensor | None,
+    grad_out: Tensor,
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+) -> tuple[list[list[float]], dict[int, float]]:
+    """Interleaved rounds over ``configs``: per config its timed seconds, and its kept fraction."""
+    kept: dict[int, float] = {}
+    times: list[list[float]] = [[] for _ in configs]
+    for rnd in range(warmup + repeats):
+        for i, (_, _, _, module) in enumerate(configs):
+            elapsed, kept_fraction = _timed_step(module, x, token_image, grad_out, device)
+            kept[i] = kept_fraction
+            if rnd >= warmup:
+                times[i].append(elapsed)
+    return times, kept
+
+
 def run_moe_benchmark(
     tokens: Sequence[int] = (900, 1800, 3600, 7200),
     experts: Sequence[int] = (0, 2, 4, 8, 16),
@@ -79,32 +134,19 @@ def run_moe_benchmark(
         token_image = None
         if tokens_per_image:
             token_image = (torch.arange(num_tokens) // tokens_per_image).to(device)
-        configs: list[tuple[int, float | None, bool | None, nn.Module]] = [
-            (0, None, None, _dense_ffn(d_model, hidden).to(device))
-        ]
-        for num_experts in experts:
-            if num_experts <= 0:
-                continue
-            for cf in capacity_factors:
-                for thr in (False, True) if threaded else (None,):
-                    torch.manual_seed(seed + num_experts)  # same weights with and without
-                    layer = MoEFFN(
-                        d_model=d_model,
-                        hidden_dim=hidden,
-                        num_experts=num_experts,
-                        top_k=min(top_k, num_experts),
-                        capacity_factor=cf,
-                        cpu_threads=thr,
-                    ).to(device)
-                    configs.append((num_experts, cf, thr, layer))
-        kept: dict[int, float] = {}
-        times: list[list[float]] = [[] for _ in configs]
-        for rnd in range(warmup + repeats):
-            for i, (_, _, _, module) in enumerate(configs):
-                elapsed, kept_fraction = _timed_step(module, x, token_image, grad_out, device)
-                kept[i] = kept_fraction
-                if rnd >= warmup:
-                    times[i].append(elapsed)
+        configs = _bench_configs(
+            experts,
+            capacity_factors,
+            d_model=d_model,
+            hidden=hidden,
+            top_k=top_k,
+            seed=seed,
+            device=device,
+            threaded=threaded,
+        )
+        times, kept = _time_rounds(
+            configs, x, token_image, grad_out, device, warmup=warmup, repeats=repeats
+        )
         dense_s = statistics.median(times[0])
         for i, (num_experts, cf, thr, _) in enumerate(configs):
             seconds = statistics.median(times[i])
