@@ -132,27 +132,13 @@ def run_inference(
     net = unwrap_model(model)
     was_training = net.training
     net.eval()
-    gt_files = dict(gt) if gt is not None else gt_files_of(loaders)
     sink = _Sink(label_space, routing_tokens, matcher, expert_of_dataset, routing_stats)
-    if gt_files is not None:
-        sink.evaluator = MultiDatasetEvaluator(
-            gt={n: gt_files[n] for n in loaders if n in gt_files},
-            label_space=label_space,
-            only_processed_images=max_images > 0 or _capped(loaders),
-            voc_metric=voc_metric,
-        )
+    sink.evaluator = _evaluator(loaders, label_space, gt, max_images, voc_metric)
     sink.main_pp, sink.oracle_pp = _postprocessors(postprocess, restrict)
     names = [
         n for n in loaders if sink.evaluator is None or n in sink.evaluator.datasets_to_evaluate
     ]
-    bar = tqdm(
-        total=sum(len(loaders[n]) for n in names),
-        desc="eval",
-        # True: off; None: on only when stderr is a terminal
-        disable=True if not (progress and dist_utils.is_main_process()) else None,
-        dynamic_ncols=True,
-        leave=False,
-    )
+    bar = _progress_bar(sum(len(loaders[n]) for n in names), progress)
     device = next(net.parameters()).device
     try:
         with torch.inference_mode():
@@ -173,6 +159,38 @@ def run_inference(
     finally:
         bar.close()
         net.train(was_training)
+
+
+def _progress_bar(total: int, progress: bool) -> tqdm:
+    """The evaluation bar over ``total`` batches (rank 0 only, and only with ``progress``)."""
+    return tqdm(
+        total=total,
+        desc="eval",
+        # True: off; None: on only when stderr is a terminal
+        disable=True if not (progress and dist_utils.is_main_process()) else None,
+        dynamic_ncols=True,
+        leave=False,
+    )
+
+
+def _evaluator(
+    loaders: Mapping[str, DataLoader],
+    label_space: LabelSpace,
+    gt: Mapping[str, str | os.PathLike[str]] | None,
+    max_images: int,
+    voc_metric: VOCMetric,
+) -> MultiDatasetEvaluator | None:
+    """The evaluator of the loaders' datasets with a GT JSON (``gt`` or the loaders' own);
+    None when no GT is known."""
+    gt_files = dict(gt) if gt is not None else gt_files_of(loaders)
+    if gt_files is None:
+        return None
+    return MultiDatasetEvaluator(
+        gt={n: gt_files[n] for n in loaders if n in gt_files},
+        label_space=label_space,
+        only_processed_images=max_images > 0 or _capped(loaders),
+        voc_metric=voc_metric,
+    )
 
 
 def _postprocessors(
