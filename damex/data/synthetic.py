@@ -51,6 +51,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
+    from multiprocessing.pool import Pool
+
     from damex.config import SyntheticConfig
 
 __all__ = [
@@ -894,6 +896,29 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _check_generation_args(
+    seed: int, scale: float, image_size: int, *, image_sizes: tuple[int, int]
+) -> None:
+    """``ValueError`` unless ``seed >= 0``, ``0 < scale <= 100`` and ``image_size`` is within
+    ``image_sizes`` (inclusive)."""
+    lo, hi = image_sizes
+    if not 0 < scale <= 100:
+        raise ValueError(f"scale must be in (0, 100], got {scale}")
+    if not lo <= image_size <= hi:
+        raise ValueError(f"image_size must be in [{lo}, {hi}], got {image_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+
+def _render_pool(workers: int) -> Pool | None:
+    """A ``multiprocessing`` pool of ``workers`` processes; None for ``workers <= 1``."""
+    if workers <= 1:
+        return None
+    import multiprocessing as mp
+
+    return mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+
+
 def generate_benchmark(
     out: str | Path,
     seed: int = 0,
@@ -922,12 +947,7 @@ def generate_benchmark(
     """
     from tqdm import tqdm
 
-    if not 0 < scale <= 100:
-        raise ValueError(f"scale must be in (0, 100], got {scale}")
-    if not 32 <= image_size <= 4096:
-        raise ValueError(f"image_size must be in [32, 4096], got {image_size}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    _check_generation_args(seed, scale, image_size, image_sizes=(32, 4096))
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER_FILE).unlink(missing_ok=True)
@@ -946,11 +966,7 @@ def generate_benchmark(
         "image_size": image_size,
         "datasets": {n: {"classes": list(c), "splits": {}} for n, c in SYNTHETIC_DATASETS.items()},
     }
-    pool = None
-    if workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+    pool = _render_pool(workers)
     try:
         with tqdm(total=total, desc="synthetic benchmark", unit="img", disable=not progress) as bar:
             for name, ds_index, split_index, split, n in plan:
