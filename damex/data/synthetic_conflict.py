@@ -35,30 +35,32 @@ The catalog knows the datasets as ``conf_*`` under ``{data.root}/synthetic_confl
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 # the built-in generator's drawing, placement and writing helpers (one copy of each)
 from damex.data.synthetic import (
-    SPLITS,
     Box,
     Point,
     _Canvas,
+    _check_generation_args,
+    _coco_from_records,
     _Frame,
+    _fresh_dataset_dir,
     _jitter,
     _lock,
     _low_freq,
+    _marker_current,
     _overlaps,
     _pick,
+    _save_image,
+    _scaled_split_sizes,
     _write_json,
 )
 
@@ -104,7 +106,7 @@ _OBJ_SIZE = (22.0, 64.0)  # object size range in pixels at image_size=256
 
 def conflict_split_sizes(name: str, scale: float = 1.0) -> dict[str, int]:
     """Images per split of a ``conf_*`` dataset at ``scale`` (at least 1 each)."""
-    return {s: max(1, round(n * scale)) for s, n in zip(SPLITS, _SPLIT_SIZES[name])}
+    return _scaled_split_sizes(_SPLIT_SIZES[name], scale)
 
 
 def conflict_groups() -> list[list[str]]:
@@ -267,35 +269,6 @@ def _render(
 
 
 # --------------------------------------------------------------------------- writing
-def _coco(name: str, split: str, seed: int, records: list[dict[str, Any]]) -> dict[str, Any]:
-    images, annotations = [], []
-    for image_id, rec in enumerate(records, start=1):
-        images.append(
-            {"id": image_id, "file_name": rec["file_name"], "height": rec["height"],
-             "width": rec["width"]}
-        )  # fmt: skip
-        for c, (x0, y0, x1, y1) in rec["objects"]:
-            annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": c + 1,
-                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                 "iscrowd": 0}
-            )  # fmt: skip
-    return {
-        "info": {
-            "description": f"damex synthetic_conflict benchmark: {name} {split}",
-            "version": str(CONFLICT_GENERATOR_VERSION),
-            "seed": seed,
-        },
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [
-            {"id": k + 1, "name": c, "supercategory": name}
-            for k, c in enumerate(CONFLICT_DATASETS[name])
-        ],
-    }
-
-
 def generate_conflict_benchmark(
     out: str | os.PathLike[str], seed: int = 0, scale: float = 1.0, image_size: int = 256
 ) -> dict[str, Any]:
@@ -312,12 +285,7 @@ def generate_conflict_benchmark(
         "datasets": {name: {split: {"images", "boxes"}}}}``; the same minus ``seconds`` is the
         marker file, written last, so an interrupted run is not taken as done.
     """
-    if not 0 < scale <= 100:
-        raise ValueError(f"scale must be in (0, 100], got {scale}")
-    if not 64 <= image_size <= 2048:
-        raise ValueError(f"image_size must be in [64, 2048], got {image_size}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    _check_generation_args(seed, scale, image_size, image_sizes=(64, 2048))
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     (root / CONFLICT_MARKER_FILE).unlink(missing_ok=True)
@@ -331,10 +299,7 @@ def generate_conflict_benchmark(
         "datasets": {},
     }
     for ds_index, name in enumerate(CONFLICT_DATASETS):
-        if (root / name).exists():
-            shutil.rmtree(root / name)
-        (root / name / "images").mkdir(parents=True)
-        (root / name / "annotations").mkdir(parents=True)
+        _fresh_dataset_dir(root / name)
         summary["datasets"][name] = {}
         for split_index, (split, n) in enumerate(conflict_split_sizes(name, scale).items()):
             records = []
@@ -347,7 +312,7 @@ def generate_conflict_benchmark(
                     image_size,
                 )
                 file_name = f"{split}_{i:05d}.png"
-                Image.fromarray(image, "RGB").save(root / name / "images" / file_name)
+                _save_image(image, root / name / "images" / file_name)
                 records.append(
                     {
                         "file_name": file_name,
@@ -356,7 +321,14 @@ def generate_conflict_benchmark(
                         "objects": objects,
                     }
                 )
-            coco = _coco(name, split, seed, records)
+            info = {
+                "description": f"damex synthetic_conflict benchmark: {name} {split}",
+                "version": str(CONFLICT_GENERATOR_VERSION),
+                "seed": seed,
+            }
+            coco = _coco_from_records(
+                records, info=info, classes=CONFLICT_DATASETS[name], supercategory=name
+            )
             _write_json(root / name / "annotations" / f"{split}.json", coco)
             summary["datasets"][name][split] = {
                 "images": len(coco["images"]),
@@ -367,31 +339,17 @@ def generate_conflict_benchmark(
     return summary
 
 
-def _marker_ok(root: Path, seed: int, scale: float, image_size: int) -> bool:
-    try:
-        marker = json.loads((root / CONFLICT_MARKER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    same = (
-        marker.get("generator_version"),
-        marker.get("seed"),
-        marker.get("scale"),
-        marker.get("image_size"),
-    ) == (CONFLICT_GENERATOR_VERSION, seed, scale, image_size)
-    return same and all(
-        (root / n / "annotations" / f"{s}.json").is_file()
-        for n in CONFLICT_DATASETS
-        for s in SPLITS
-    )
-
-
 def ensure_conflict_benchmark(
     root: str | os.PathLike[str], seed: int = 0, scale: float = 1.0, image_size: int = 256
 ) -> Path:
     """Generate the ``conf_*`` datasets under ``root`` unless an up-to-date copy is there."""
     root = Path(root).expanduser()
-    if not _marker_ok(root, seed, scale, image_size):
+    expected = {
+        "generator_version": CONFLICT_GENERATOR_VERSION, "seed": seed, "scale": scale,
+        "image_size": image_size,
+    }  # fmt: skip
+    if not _marker_current(root, CONFLICT_MARKER_FILE, expected, CONFLICT_DATASETS):
         with _lock(root.parent / f".{root.name}.lock"):
-            if not _marker_ok(root, seed, scale, image_size):
+            if not _marker_current(root, CONFLICT_MARKER_FILE, expected, CONFLICT_DATASETS):
                 generate_conflict_benchmark(root, seed=seed, scale=scale, image_size=image_size)
     return root
