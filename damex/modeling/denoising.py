@@ -162,6 +162,51 @@ def noise_boxes(
     return box_xyxy_to_cxcywh(xyxy)
 
 
+def _flat_targets(
+    targets: Sequence[Target], num_gt_list: list[int], num_classes: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The batch's GT as flat tensors on ``device``: labels ``int64 [N]`` (checked to be in
+    ``[0, num_classes)``), boxes ``float [N, 4]``, image index ``[N]``, index within its image
+    ``[N]``."""
+    labels = torch.cat([t.labels for t in targets]).to(device).long()  # [N]
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"GT labels must be in [0, {num_classes}), got range "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    boxes = torch.cat([t.boxes for t in targets]).to(device).float()  # [N, 4]
+    image = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(num_gt_list)])
+    local = torch.cat([torch.arange(n) for n in num_gt_list])
+    return labels, boxes, image.to(device), local.to(device)
+
+
+def _scatter_queries(
+    embeds: Tensor,
+    anchors_logit: Tensor,
+    image: Tensor,
+    slot: Tensor,
+    *,
+    batch_size: int,
+    num_dn: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Place the ``M`` noised queries at ``(image, slot)`` of ``[B, num_dn]`` grids.
+
+    Returns:
+        content ``[B, num_dn, D]``, anchors ``[B, num_dn, 4]`` (logits) and token kinds
+        ``[B, num_dn]`` (``DN`` where a query was placed, ``DN_PAD`` elsewhere).
+    """
+    device = anchors_logit.device
+    content = embeds.new_zeros(batch_size, num_dn, embeds.shape[-1])
+    content = content.index_put((image, slot), embeds)  # [B, num_dn, D]
+    anchors = torch.zeros(batch_size, num_dn, 4, device=device)
+    anchors[image, slot] = anchors_logit
+    token_kind = torch.full(
+        (batch_size, num_dn), int(TokenKind.DN_PAD), dtype=torch.long, device=device
+    )
+    token_kind[image, slot] = int(TokenKind.DN)
+    return content, anchors, token_kind
+
+
 def prepare_cdn(
     targets: Sequence[Target],
     dn_number: int,
@@ -201,16 +246,7 @@ def prepare_cdn(
         return None
     device = label_embed.weight.device
     groups = max(dn_number // pad, 1)
-    labels = torch.cat([t.labels for t in targets]).to(device).long()  # [N]
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(
-            f"GT labels must be in [0, {num_classes}), got range "
-            f"[{int(labels.min())}, {int(labels.max())}]"
-        )
-    boxes = torch.cat([t.boxes for t in targets]).to(device).float()  # [N, 4]
-    image = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(num_gt_list)])
-    local = torch.cat([torch.arange(n) for n in num_gt_list])
-    image, local = image.to(device), local.to(device)
+    labels, boxes, image, local = _flat_targets(targets, num_gt_list, num_classes, device)
     total, reps = labels.numel(), 2 * groups
     # block r = 2g + s of every GT (s = 1: negative) sits at slot r * pad + local index
     labels_rep = labels.repeat(reps)  # [2G*N]
@@ -222,15 +258,14 @@ def prepare_cdn(
 
     noised_labels = noise_labels(labels_rep, label_noise_ratio, num_classes, generator)
     noised_boxes = noise_boxes(boxes_rep, negative, box_noise_scale, generator)
-    num_dn = reps * pad
-    bsz, dim = len(targets), label_embed.embedding_dim
-    embeds = label_embed(noised_labels)  # [2G*N, D]
-    content = embeds.new_zeros(bsz, num_dn, dim)
-    content = content.index_put((image_rep, slot), embeds)
-    anchors = torch.zeros(bsz, num_dn, 4, device=device)
-    anchors[image_rep, slot] = inverse_sigmoid(noised_boxes)
-    token_kind = torch.full((bsz, num_dn), int(TokenKind.DN_PAD), dtype=torch.long, device=device)
-    token_kind[image_rep, slot] = int(TokenKind.DN)
+    content, anchors, token_kind = _scatter_queries(
+        label_embed(noised_labels),  # [2G*N, D]
+        inverse_sigmoid(noised_boxes),  # [2G*N, 4]
+        image_rep,
+        slot,
+        batch_size=len(targets),
+        num_dn=reps * pad,
+    )
     mask = build_self_attn_mask(
         num_groups=groups,
         pad_size=pad,
