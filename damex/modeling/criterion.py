@@ -38,6 +38,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from damex.config import Config, LogitsSource, MoELoss, TokenSelection, choices
 from damex.modeling.matcher import HungarianMatcher, MatchIndices, dn_positive_indices, dn_slot_mask
 from damex.modeling.outputs import DenseOutput, DetectorOutput, Prediction, TokenKind
+from damex.moe import losses as moe_losses
 from damex.moe.types import RoutingInfo
 from damex.structures import Batch, Target, box_cxcywh_to_xyxy
 
@@ -233,6 +234,40 @@ def _check_pred(pred: Prediction, batch_size: int, num_classes: int, name: str) 
 
 
 # ----------------------------------------------------------------------------- criterion
+def _check_options(
+    *,
+    num_classes: int,
+    moe_loss: str,
+    damex_tokens: str,
+    balance_tokens: str,
+    damex_logits: str,
+    one_to_many_k: int,
+    moe_schedule: str,
+    moe_ramp_frac: float,
+    moe_weight_final: float,
+    weights: dict[str, float],
+) -> None:
+    """:class:`SetCriterion`'s argument checks (``ValueError``); ``weights``: name -> loss weight,
+    ``moe_weight`` among them."""
+    moe_losses.scheduled_weight(  # validates the schedule
+        weights["moe_weight"], moe_schedule, 0.0, ramp_frac=moe_ramp_frac, final=moe_weight_final
+    )
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if moe_loss not in MOE_LOSSES:
+        raise ValueError(f"moe_loss must be one of {MOE_LOSSES}, got {moe_loss!r}")
+    for name, mode in (("damex_tokens", damex_tokens), ("balance_tokens", balance_tokens)):
+        if mode not in TOKEN_MODES:
+            raise ValueError(f"{name} must be one of {TOKEN_MODES}, got {mode!r}")
+    if damex_logits not in choices(LogitsSource):
+        raise ValueError(f"damex_logits must be 'clean' or 'noisy', got {damex_logits!r}")
+    if one_to_many_k < 1:
+        raise ValueError(f"one_to_many_k must be >= 1, got {one_to_many_k}")
+    bad = {k: v for k, v in weights.items() if not (v >= 0 and math.isfinite(v))}
+    if bad:
+        raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
+
+
 class SetCriterion(nn.Module):
     """DINO detection losses + MoE losses (see the module docstring for the returned keys).
 
@@ -295,34 +330,27 @@ class SetCriterion(nn.Module):
         moe_weight_final: float = 0.1,
     ) -> None:
         super().__init__()
-        from damex.moe.losses import scheduled_weight
-
-        scheduled_weight(moe_weight, moe_schedule, 0.0, ramp_frac=moe_ramp_frac,
-                         final=moe_weight_final)  # validates  # fmt: skip
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if moe_loss not in MOE_LOSSES:
-            raise ValueError(f"moe_loss must be one of {MOE_LOSSES}, got {moe_loss!r}")
-        for name, mode in (("damex_tokens", damex_tokens), ("balance_tokens", balance_tokens)):
-            if mode not in TOKEN_MODES:
-                raise ValueError(f"{name} must be one of {TOKEN_MODES}, got {mode!r}")
-        if damex_logits not in choices(LogitsSource):
-            raise ValueError(f"damex_logits must be 'clean' or 'noisy', got {damex_logits!r}")
-        if one_to_many_k < 1:
-            raise ValueError(f"one_to_many_k must be >= 1, got {one_to_many_k}")
-        weights = {
-            "class_weight": class_weight,
-            "bbox_weight": bbox_weight,
-            "giou_weight": giou_weight,
-            "interm_weight": interm_weight,
-            "one_to_many_weight": one_to_many_weight,
-            "dense_weight": dense_weight,
-            "moe_weight": moe_weight,
-            "z_loss_weight": z_loss_weight,
-        }
-        bad = {k: v for k, v in weights.items() if not (v >= 0 and math.isfinite(v))}
-        if bad:
-            raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
+        _check_options(
+            num_classes=num_classes,
+            moe_loss=moe_loss,
+            damex_tokens=damex_tokens,
+            balance_tokens=balance_tokens,
+            damex_logits=damex_logits,
+            one_to_many_k=one_to_many_k,
+            moe_schedule=moe_schedule,
+            moe_ramp_frac=moe_ramp_frac,
+            moe_weight_final=moe_weight_final,
+            weights={
+                "class_weight": class_weight,
+                "bbox_weight": bbox_weight,
+                "giou_weight": giou_weight,
+                "interm_weight": interm_weight,
+                "one_to_many_weight": one_to_many_weight,
+                "dense_weight": dense_weight,
+                "moe_weight": moe_weight,
+                "z_loss_weight": z_loss_weight,
+            },
+        )
         self.num_classes = int(num_classes)
         self.matcher = matcher
         self.term_weights = {"class": class_weight, "bbox": bbox_weight, "giou": giou_weight}
@@ -353,9 +381,7 @@ class SetCriterion(nn.Module):
     # ---------------------------------------------------------------- public helpers
     def set_progress(self, progress: float) -> float:
         """Set the MoE loss weight for ``progress`` (fraction of training done); returns it."""
-        from damex.moe.losses import scheduled_weight
-
-        self.moe_weight = scheduled_weight(
+        self.moe_weight = moe_losses.scheduled_weight(
             self.moe_weight_base,
             self.moe_schedule,
             progress,
@@ -631,8 +657,6 @@ class SetCriterion(nn.Module):
                 )
                 self._warned_no_routing = True
             return
-        from damex.moe import losses as moe_losses  # the MoE package's loss functions
-
         expert_ids = batch.expert_ids.to(routing[0].logits.device)
         num_experts = routing[0].num_experts
         if bool((expert_ids >= num_experts).any()):
