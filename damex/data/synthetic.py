@@ -1011,6 +1011,46 @@ def _marker_current(
     )
 
 
+def _write_split_json(
+    root: Path,
+    name: str,
+    split: str,
+    records: list[dict[str, Any]],
+    *,
+    description: str,
+    version: int,
+    seed: int,
+    classes: Sequence[str],
+    summary: dict[str, Any],
+) -> None:
+    """Write ``name``'s ``split`` COCO JSON from rendered ``records`` and count it in ``summary``
+    (``summary["datasets"][name][split]``)."""
+    info = {"description": description, "version": str(version), "seed": seed}
+    coco = _coco_from_records(records, info=info, classes=classes, supercategory=name)
+    _write_json(root / name / "annotations" / f"{split}.json", coco)
+    summary["datasets"][name][split] = {
+        "images": len(coco["images"]),
+        "boxes": len(coco["annotations"]),
+    }
+
+
+def _ensure_generated(
+    root: Path,
+    marker_file: str,
+    expected: Mapping[str, Any],
+    datasets: Iterable[str],
+    generate: Callable[[], object],
+) -> Path:
+    """Run ``generate`` under an inter-process lock unless ``root`` already holds an up-to-date
+    copy (checked again inside the lock: another rank may have just written it)."""
+    datasets = list(datasets)
+    if not _marker_current(root, marker_file, expected, datasets):
+        with _lock(root.parent / f".{root.name}.lock"):
+            if not _marker_current(root, marker_file, expected, datasets):
+                generate()
+    return root
+
+
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """An exclusive inter-process lock (several ranks may call ensure_benchmark at once)."""

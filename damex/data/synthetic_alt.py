@@ -33,6 +33,7 @@ The catalog knows the datasets as ``alt_*`` under ``{data.root}/synthetic_alt``;
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -48,14 +49,13 @@ from damex.data.synthetic import (
     SPLITS,
     Box,
     _Canvas,
-    _coco_from_records,
+    _ensure_generated,
     _fresh_dataset_dir,
-    _lock,
-    _marker_current,
     _save_image,
     _scaled_split_sizes,
     _union,
     _write_json,
+    _write_split_json,
 )
 
 __all__ = [
@@ -522,19 +522,17 @@ def generate_alt_benchmark(
                         "objects": objects,
                     }
                 )
-            info = {
-                "description": f"damex synthetic_alt benchmark: {name} {split}",
-                "version": str(ALT_GENERATOR_VERSION),
-                "seed": seed,
-            }
-            coco = _coco_from_records(
-                records, info=info, classes=ALT_DATASETS[name], supercategory=name
+            _write_split_json(
+                root,
+                name,
+                split,
+                records,
+                description=f"damex synthetic_alt benchmark: {name} {split}",
+                version=ALT_GENERATOR_VERSION,
+                seed=seed,
+                classes=ALT_DATASETS[name],
+                summary=summary,
             )
-            _write_json(root / name / "annotations" / f"{split}.json", coco)
-            summary["datasets"][name][split] = {
-                "images": len(coco["images"]),
-                "boxes": len(coco["annotations"]),
-            }
     _write_json(root / ALT_MARKER_FILE, summary)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
@@ -549,8 +547,12 @@ def ensure_alt_benchmark(
         "generator_version": ALT_GENERATOR_VERSION, "seed": seed, "scale": scale,
         "image_size": image_size,
     }  # fmt: skip
-    if not _marker_current(root, ALT_MARKER_FILE, expected, ALT_DATASETS):
-        with _lock(root.parent / f".{root.name}.lock"):
-            if not _marker_current(root, ALT_MARKER_FILE, expected, ALT_DATASETS):
-                generate_alt_benchmark(root, seed=seed, scale=scale, image_size=image_size)
-    return root
+    return _ensure_generated(
+        root,
+        ALT_MARKER_FILE,
+        expected,
+        ALT_DATASETS,
+        functools.partial(
+            generate_alt_benchmark, root, seed=seed, scale=scale, image_size=image_size
+        ),
+    )

@@ -35,6 +35,7 @@ The catalog knows the datasets as ``conf_*`` under ``{data.root}/synthetic_confl
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -50,18 +51,17 @@ from damex.data.synthetic import (
     Point,
     _Canvas,
     _check_generation_args,
-    _coco_from_records,
+    _ensure_generated,
     _Frame,
     _fresh_dataset_dir,
     _jitter,
-    _lock,
     _low_freq,
-    _marker_current,
     _overlaps,
     _pick,
     _save_image,
     _scaled_split_sizes,
     _write_json,
+    _write_split_json,
 )
 
 __all__ = [
@@ -321,19 +321,17 @@ def generate_conflict_benchmark(
                         "objects": objects,
                     }
                 )
-            info = {
-                "description": f"damex synthetic_conflict benchmark: {name} {split}",
-                "version": str(CONFLICT_GENERATOR_VERSION),
-                "seed": seed,
-            }
-            coco = _coco_from_records(
-                records, info=info, classes=CONFLICT_DATASETS[name], supercategory=name
+            _write_split_json(
+                root,
+                name,
+                split,
+                records,
+                description=f"damex synthetic_conflict benchmark: {name} {split}",
+                version=CONFLICT_GENERATOR_VERSION,
+                seed=seed,
+                classes=CONFLICT_DATASETS[name],
+                summary=summary,
             )
-            _write_json(root / name / "annotations" / f"{split}.json", coco)
-            summary["datasets"][name][split] = {
-                "images": len(coco["images"]),
-                "boxes": len(coco["annotations"]),
-            }
     _write_json(root / CONFLICT_MARKER_FILE, summary)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
@@ -348,8 +346,12 @@ def ensure_conflict_benchmark(
         "generator_version": CONFLICT_GENERATOR_VERSION, "seed": seed, "scale": scale,
         "image_size": image_size,
     }  # fmt: skip
-    if not _marker_current(root, CONFLICT_MARKER_FILE, expected, CONFLICT_DATASETS):
-        with _lock(root.parent / f".{root.name}.lock"):
-            if not _marker_current(root, CONFLICT_MARKER_FILE, expected, CONFLICT_DATASETS):
-                generate_conflict_benchmark(root, seed=seed, scale=scale, image_size=image_size)
-    return root
+    return _ensure_generated(
+        root,
+        CONFLICT_MARKER_FILE,
+        expected,
+        CONFLICT_DATASETS,
+        functools.partial(
+            generate_conflict_benchmark, root, seed=seed, scale=scale, image_size=image_size
+        ),
+    )
