@@ -41,10 +41,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from damex.config import load_config
+from damex.engine.report import IMAGE_SUFFIXES
 from damex.errors import DamexError
+from damex.modeling import build_model
+from damex.modeling.backbone import valid_sizes_from_mask
 from damex.modeling.deform_attn import MSDeformAttn
+from damex.modeling.postprocess import PostProcess
 from damex.moe.layer import MoEFFN
 from damex.moe.types import RoutingInfo
+from damex.predictor import Predictor, query_routing
+from damex.structures import Batch
 
 __all__ = [
     "ExportableDetector",
@@ -183,8 +190,6 @@ class ExportableDetector(nn.Module):
         self.num_select = min(int(num_select), k)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        from damex.modeling.backbone import valid_sizes_from_mask
-
         m = self.model
         bsz, _, h, w = images.shape
         mask = torch.zeros_like(images[:, 0], dtype=torch.bool)  # [B, H, W]: no padding
@@ -347,10 +352,6 @@ def reference_outputs(model: nn.Module, images: Tensor, num_select: int) -> dict
     """PyTorch eager outputs of the trained model for normalized ``images`` ``[B, 3, H, W]``:
     ``DINO.forward`` (the real MoE layers) + ``PostProcess`` + the routing of every query, in
     the exported graph's output layout (the parity reference)."""
-    from damex.modeling.postprocess import PostProcess
-    from damex.predictor import query_routing
-    from damex.structures import Batch
-
     model = model.eval()
     bsz, _, h, w = images.shape
     raw = images * model.pixel_std + model.pixel_mean  # DINO normalizes inside its forward
@@ -460,9 +461,6 @@ def export_checkpoint(
     The check runs the file with onnxruntime on ``check_images`` (an image or a folder;
     default one random input) and compares with PyTorch eager (:func:`onnx_parity`).
     """
-    from damex.engine.report import IMAGE_SUFFIXES
-    from damex.predictor import Predictor
-
     predictor = Predictor.from_checkpoint(checkpoint, config=cfg)
     if image_size is None:
         side = int(cfg.data.test_scale) or max(cfg.data.scales)
@@ -539,8 +537,6 @@ def bench_main(argv: Sequence[str]) -> int:
     import argparse
     import tempfile
 
-    from damex.config import load_config
-
     p = argparse.ArgumentParser(
         prog="benchmark.py onnx",
         description="Export a model to ONNX and time it (onnxruntime, CPU) beside PyTorch eager, "
@@ -555,13 +551,9 @@ def bench_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     cfg = load_config(args.config)
     if args.checkpoint:
-        from damex.predictor import Predictor
-
         predictor = Predictor.from_checkpoint(args.checkpoint, config=cfg)
         model, num_select = predictor.model, predictor.postprocess.num_select
     else:
-        from damex.modeling import build_model
-
         torch.manual_seed(0)
         model, num_select = build_model(cfg.model, cfg.moe, 20).eval(), cfg.eval.num_select
     side = int(cfg.data.test_scale) or max(cfg.data.scales)
