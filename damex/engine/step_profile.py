@@ -36,6 +36,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from damex.config import load_config
+from damex.data.loader import build_train_loader
+from damex.engine.distributed import init_distributed
+from damex.engine.optim import build_optimizer
+from damex.engine.run_data import build_model_parts, build_run_data
+from damex.modeling.deform_attn import MSDeformAttn
+from damex.modeling.transformer import MoEBlock
+
 __all__ = ["StepProfile", "format_profile", "main", "profile_training_step"]
 
 # Report order. Exclusive times: a parent section excludes the sections split out of it.
@@ -134,9 +142,6 @@ class _Hooks:
 
 
 def _watch_model(timer: _SectionTimer, model: nn.Module, criterion: nn.Module) -> None:
-    from damex.modeling.deform_attn import MSDeformAttn
-    from damex.modeling.transformer import MoEBlock
-
     timer.watch(model, "_model")
     timer.watch(model.backbone, "_backbone")
     timer.watch(model.neck, "_neck")
@@ -197,12 +202,6 @@ class _Runner:
     """One config's loader, model, criterion and optimizer, stepped on demand."""
 
     def __init__(self, config: str | None, overrides: Sequence[str]) -> None:
-        from damex.config import load_config
-        from damex.data.loader import build_train_loader
-        from damex.engine.distributed import init_distributed
-        from damex.engine.optim import build_optimizer
-        from damex.engine.run_data import build_model_parts, build_run_data
-
         cfg = load_config(config, list(overrides))
         self.cfg = cfg
         self.device = init_distributed(cfg.train.device).device
