@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from damex.config import load_config
+from damex.engine.distributed import init_distributed
+from damex.engine.run_data import build_run_data
+from damex.modeling import build_model
 from damex.modeling.bench import _batch
+from damex.modeling.postprocess import build_postprocess
 
 __all__ = ["main", "run_infer_benchmark"]
 
@@ -58,12 +63,6 @@ def run_infer_benchmark(
         ``image, batch, eager_img_s`` and, with ``compile``, ``compiled_img_s``,
         ``compile_s`` (the first call) or ``compile_error``.
     """
-    from damex.config import load_config
-    from damex.engine.distributed import init_distributed
-    from damex.engine.run_data import build_run_data
-    from damex.modeling import build_model
-    from damex.modeling.postprocess import build_postprocess
-
     cfg = load_config(config, list(overrides))
     device = init_distributed(cfg.train.device).device
     num_classes = build_run_data(cfg).label_space.num_classes
