@@ -51,6 +51,8 @@ from damex.engine.hooks import HookBase
 from damex.engine.run_data import RunData, build_expert_map, build_model_parts, build_run_data
 from damex.engine.trainer import Trainer, TrainResult
 from damex.errors import CheckpointError, ConfigError
+from damex.evaluation.routing import routing_markdown, routing_summary
+from damex.predictor import Predictor, moe_layer_names
 
 __all__ = [
     "EXTEND_INITS",
@@ -377,8 +379,6 @@ class ExtendTrainer(Trainer):
 
     def _routed_sources(self, weights: Mapping[str, Tensor]) -> dict[str, int]:
         """Per MoE layer, the old expert most matching queries of the new data choose."""
-        from damex.predictor import Predictor
-
         old_cfg = config_from_dict(self.base["config"], source=f"{self.base_path} (saved config)")
         predictor = Predictor.from_checkpoint(self.base_path, config=old_cfg, device=self.device)
         images = self._new_images()
@@ -478,9 +478,6 @@ def extend(
     trainer.setup()
     result = trainer.fit()
     if result.is_main_process and result.final_routing is not None:
-        from damex.evaluation.routing import routing_markdown, routing_summary
-        from damex.predictor import moe_layer_names
-
         summary = routing_summary(
             result.final_routing,
             dataset_names=trainer.data.label_space.dataset_names,
