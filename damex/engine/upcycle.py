@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from damex.engine.checkpoint import load_checkpoint
 from damex.errors import CheckpointError
+from damex.modeling.transformer import MoEBlock
 
 __all__ = ["UpcycleReport", "upcycle_", "upcycle_from_checkpoint"]
 
@@ -62,8 +64,6 @@ class UpcycleReport:
 
 
 def _moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    from damex.modeling.transformer import MoEBlock
-
     return {name: m for name, m in model.named_modules() if isinstance(m, MoEBlock)}
 
 
@@ -285,8 +285,6 @@ def upcycle_from_checkpoint(
     The checkpoint is read with ``weights_only=True``; its ``model`` entry is the dense
     detector's state dict. ``seed`` seeds the noise.
     """
-    from damex.engine.checkpoint import load_checkpoint
-
     state = load_checkpoint(Path(path), required_keys=("model",))
     gen = torch.Generator().manual_seed(seed)
     report = upcycle_(
