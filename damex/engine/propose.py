@@ -36,6 +36,7 @@ from damex.data.descriptors import image_descriptor
 from damex.engine.run_data import _ensure_synthetic, _is_synthetic
 from damex.errors import ConfigError, DatasetError
 from damex.moe.mapping import propose_mapping
+from damex.predictor import Predictor, load_image
 
 __all__ = ["MapProposal", "dataset_features", "propose_expert_map", "resolve_auto_expert_map"]
 
@@ -133,8 +134,6 @@ def dataset_features(
     Returns:
         The features by dataset name and a description of their source.
     """
-    from damex.predictor import load_image
-
     if images_per_dataset < 1:
         raise ConfigError(f"--images must be >= 1, got {images_per_dataset}")
     catalog = catalog or build_catalog(cfg.data)
@@ -147,8 +146,6 @@ def dataset_features(
             n: torch.stack([image_descriptor(load_image(f)) for f in fs]) for n, fs in files.items()
         }
         return feats, "appearance descriptors (RGB histogram + gray/gradient statistics)"
-    from damex.predictor import Predictor
-
     predictor = Predictor.from_checkpoint(checkpoint)
     out: dict[str, Tensor] = {}
     with torch.no_grad():
