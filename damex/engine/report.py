@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from damex.engine.loading import evaluate, load_for_inference
 from damex.errors import ConfigError
 from damex.evaluation.routing import routing_markdown, routing_summary
 from damex.modeling.criterion import build_criterion
+from damex.predictor import NativeDetections, Predictor
 from damex.structures import Detections, Sample
 from damex.viz import (
     draw_boxes,
@@ -44,9 +45,6 @@ from damex.viz import (
     write_routing_report,
 )
 from damex.viz.boxes import select_for_display, upscale_for_display
-
-if TYPE_CHECKING:
-    from damex.predictor import NativeDetections, Predictor
 
 __all__ = [
     "evaluate_checkpoint",
@@ -413,8 +411,6 @@ def run_explained_demo(
     Returns:
         The written PNG files, in input order (each with its JSON beside it).
     """
-    from damex.predictor import Predictor
-
     files = _image_files(Path(input_path))
     device = dist_utils.resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     predictor = Predictor.from_checkpoint(checkpoint, config=cfg, device=device)
