@@ -30,6 +30,7 @@ from damex.engine import distributed as dist_utils
 from damex.engine.ema import unwrap_model
 from damex.engine.expert_parallel import inference_lockstep
 from damex.evaluation.coco_eval import EvalResults, MultiDatasetEvaluator
+from damex.modeling.criterion import foreground_mask, select_tokens
 from damex.modeling.postprocess import PostProcess
 from damex.moe.stats import RoutingStats
 from damex.structures import Batch, Detections
@@ -70,8 +71,6 @@ def _token_masks(
     out: Any, batch: Batch, tokens: str, matcher: Callable[..., Any] | None
 ) -> list[torch.Tensor]:
     """Per MoE layer, the tokens counted by the routing statistics (``eval.routing_tokens``)."""
-    from damex.modeling.criterion import foreground_mask, select_tokens
-
     fg = None
     if tokens == "foreground":
         if matcher is None:
