@@ -41,14 +41,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from damex.moe.stats import order_free_routing
-
-if TYPE_CHECKING:
-    from damex.moe.stats import RoutingStats
+from damex.moe.stats import RoutingStats, order_free_routing
 
 __all__ = [
     "LayerRouting",
@@ -239,8 +236,6 @@ def routing_summary(
     Returns:
         The JSON-able summary, plus ``"raw"``: ``stats.to_dict()`` (exact counters).
     """
-    from damex.moe.stats import RoutingStats
-
     if not isinstance(stats, RoutingStats):
         stats = RoutingStats.from_dict(dict(stats))
     if len(dataset_names) != stats.num_datasets:
