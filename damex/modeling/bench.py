@@ -30,6 +30,7 @@ from torch import Tensor
 
 from damex.config import BackboneConfig, DNConfig, ModelConfig, MoEConfig
 from damex.modeling.build import build_model
+from damex.modeling.deform_attn import MSDeformAttn
 from damex.modeling.outputs import DetectorOutput
 from damex.structures import Batch, Target
 
@@ -282,8 +283,6 @@ def _proc_status_kib(field: str) -> int:
 def _deform_peak_rss(impl: str, height: int, width: int, seed: int, queue: Any) -> None:
     """Child process: peak RSS growth (MiB) of one forward + backward (Linux: the peak is
     reset through ``/proc/self/clear_refs`` just before the step)."""
-    from damex.modeling.deform_attn import MSDeformAttn
-
     torch.manual_seed(seed)
     layer = MSDeformAttn(d_model=256, n_levels=4, n_heads=8, n_points=4, impl=impl)
     x, ref, shapes = _deform_layer_inputs(height, width, 256, 4, seed)
@@ -315,8 +314,6 @@ def run_deform_benchmark(
         One dict per size: ``size, queries, ref_ms, sparse_ms, speedup, ref_mib, sparse_mib``.
     """
     import multiprocessing as mp
-
-    from damex.modeling.deform_attn import MSDeformAttn
 
     rows = []
     for height, width in sizes:
