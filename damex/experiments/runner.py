@@ -45,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from damex.config import Config, config_to_dict, load_config
 from damex.errors import ConfigError, DamexError
 from damex.experiments.spec import ExperimentSpec, Variant
 from damex.experiments.summary import write_summary
@@ -159,8 +160,6 @@ def config_hash(resolved: dict[str, Any], defaults: dict[str, Any] | None = None
 
 def plan_runs(spec: ExperimentSpec) -> list[PlannedRun]:
     """Every run of ``spec``, seed-major; configs are loaded and validated here (errors early)."""
-    from damex.config import Config, config_to_dict, load_config
-
     defaults = config_to_dict(Config())
 
     runs: list[PlannedRun] = []
@@ -278,6 +277,8 @@ def _split_metrics(results_json: Path) -> dict[str, Any]:
 
 def routing_record(routing_stats_json: Path) -> dict[str, Any]:
     """Order-independent routing metrics per MoE layer from a routing report's summary."""
+    # local: both import torch, which the runner process (and `damex experiments --help`)
+    # otherwise never loads
     from damex.evaluation.routing import routing_accuracy
     from damex.moe.stats import order_free_routing
 
