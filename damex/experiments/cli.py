@@ -10,6 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from damex.errors import DamexError
+from damex.experiments.runner import FAILURES, RESULTS, read_results, run_experiments
+from damex.experiments.spec import load_spec
+from damex.experiments.summary import summary_dir, write_summary
 
 __all__ = ["build_parser", "main"]
 
@@ -88,15 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from damex.experiments.runner import (
-        FAILURES,
-        RESULTS,
-        read_results,
-        run_experiments,
-    )
-    from damex.experiments.spec import load_spec
-    from damex.experiments.summary import summary_dir, write_summary
-
     try:
         spec = load_spec(args.spec)
         if args.out:
