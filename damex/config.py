@@ -213,7 +213,6 @@ class AcceleratorConfig:
     one_to_many_weight: float = 1.0
     dense_head: bool = False  # Co-DETR style auxiliary dense (ATSS/FCOS-type) head
     dense_head_weight: float = 1.0
-    dense_head_queries: int = 0  # positives fed to the decoder as extra queries (0 = loss only)
 
 
 @dataclass(frozen=True)
@@ -645,7 +644,7 @@ _NON_NEGATIVE = (
     "train.lr_backbone", "train.weight_decay", "train.clip_max_norm", "train.warmup_iters",
     "train.eval_every", "train.checkpoint_every", "data.num_workers", "data.epoch_size",
     "data.test_scale", "eval.max_images", "model.accel.one_to_many_queries",
-    "model.accel.dense_head_queries", "moe.loss_weight_final", "moe.upcycle_noise",
+    "moe.loss_weight_final", "moe.upcycle_noise",
 )  # fmt: skip
 
 

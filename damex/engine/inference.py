@@ -30,8 +30,8 @@ from damex.engine import distributed as dist_utils
 from damex.engine.ema import unwrap_model
 from damex.engine.expert_parallel import inference_lockstep
 from damex.evaluation.coco_eval import EvalResults, MultiDatasetEvaluator
-from damex.modeling.criterion import foreground_mask, select_tokens
 from damex.modeling.postprocess import PostProcess
+from damex.modeling.token_selection import foreground_mask, select_tokens
 from damex.moe.stats import RoutingStats
 from damex.structures import Batch, Detections
 

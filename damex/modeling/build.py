@@ -184,12 +184,6 @@ def _build_dense_head(m: ModelConfig, num_classes: int, strides: Sequence[int]) 
     if not accel.dense_head:
         return None
     dense_head = DenseHead(d_model=m.d_model, num_classes=num_classes, strides=strides)
-    if accel.dense_head_queries > 0:
-        logger.warning(
-            "model.accel.dense_head_queries=%d is not implemented; the dense head trains the "
-            "encoder through its loss only",
-            accel.dense_head_queries,
-        )
     return dense_head
 
 

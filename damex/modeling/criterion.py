@@ -35,9 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from damex.config import Config, LogitsSource, MoELoss, TokenSelection, choices
+from damex.config import Config, LogitsSource, MoELoss, choices
+from damex.modeling.dense_head import fcos_assign
 from damex.modeling.matcher import HungarianMatcher, MatchIndices, dn_positive_indices, dn_slot_mask
-from damex.modeling.outputs import DenseOutput, DetectorOutput, Prediction, TokenKind
+from damex.modeling.outputs import DenseOutput, DetectorOutput, Prediction
+from damex.modeling.token_selection import TOKEN_MODES, foreground_mask, select_tokens
 from damex.moe import losses as moe_losses
 from damex.moe.types import RoutingInfo
 from damex.structures import Batch, Target, box_cxcywh_to_xyxy
@@ -45,150 +47,12 @@ from damex.structures import Batch, Target, box_cxcywh_to_xyxy
 __all__ = [
     "SetCriterion",
     "build_criterion",
-    "foreground_mask",
-    "select_tokens",
-    "fcos_assign",
     "MOE_LOSSES",
-    "TOKEN_MODES",
 ]
 
 logger = logging.getLogger(__name__)
 
 MOE_LOSSES = choices(MoELoss)
-TOKEN_MODES = choices(TokenSelection)
-
-
-# ------------------------------------------------------------------------- token selection
-def foreground_mask(
-    indices: list[MatchIndices], num_queries: int, *, device: torch.device | str | None = None
-) -> Tensor:
-    """Matched (foreground) matching queries from the Hungarian indices.
-
-    Taken from the matcher's query indices, not from the class targets (docs/design.md Q13: DINO's
-    ``argmax(onehot) != 0`` cannot tell class 0 from background).
-
-    Args:
-        indices: per image ``(query_idx, gt_idx)``.
-        num_queries: Q.
-        device: device of the result.
-
-    Returns:
-        ``bool`` ``[B, Q]``.
-    """
-    fg = torch.zeros(len(indices), num_queries, dtype=torch.bool)
-    for b, (q, _) in enumerate(indices):
-        fg[b, q] = True
-    return fg.to(device) if device is not None else fg
-
-
-def select_tokens(info: RoutingInfo, mode: str, foreground: Tensor | None = None) -> Tensor:
-    """Which routed tokens a MoE loss uses.
-
-    Modes (docs/design.md §3.3): ``all`` every decoder token (matching, DN, DN padding,
-    one-to-many: the
-    official DAMEX default); ``matching_only`` the matching queries (foreground and background);
-    ``foreground`` the matching queries matched by the final layer's Hungarian matching;
-    ``exclude_dn`` everything but DN and DN padding tokens.
-
-    Args:
-        info: one MoE layer's routing; ``token_kind`` / ``token_query`` are needed for every mode
-            but ``all``.
-        mode: one of ``TOKEN_MODES``.
-        foreground: ``bool`` ``[B, Q]`` (see ``foreground_mask``), needed for ``foreground``.
-
-    Returns:
-        ``bool`` ``[T]``.
-    """
-    if mode not in TOKEN_MODES:
-        raise ValueError(f"token selection must be one of {TOKEN_MODES}, got {mode!r}")
-    num_tokens = info.logits.shape[0]
-    device = info.logits.device
-    if mode == "all":
-        return torch.ones(num_tokens, dtype=torch.bool, device=device)
-    if info.token_kind is None:
-        raise ValueError(f"token selection {mode!r} needs RoutingInfo.token_kind, got None")
-    kind = info.token_kind.to(device)
-    if mode == "matching_only":
-        return kind == TokenKind.MATCHING
-    if mode == "exclude_dn":
-        return (kind != TokenKind.DN) & (kind != TokenKind.DN_PAD)
-    # foreground
-    if foreground is None or info.token_query is None:
-        raise ValueError("token selection 'foreground' needs the foreground mask and token_query")
-    foreground = foreground.to(device)
-    matching = kind == TokenKind.MATCHING
-    query = info.token_query.to(device)
-    if bool(matching.any()) and int(query[matching].max()) >= foreground.shape[1]:
-        raise ValueError(
-            f"RoutingInfo.token_query reaches {int(query[matching].max())} but the foreground "
-            f"mask has {foreground.shape[1]} queries"
-        )
-    image = info.token_image.to(device)
-    fg = foreground[image, query.clamp(min=0)]  # [T]
-    return matching & fg
-
-
-# ---------------------------------------------------------------------- dense assignment
-def fcos_assign(
-    points: Tensor,
-    strides: Tensor,
-    valid: Tensor,
-    gt_boxes_xyxy: Tensor,
-    *,
-    center_radius: float = 1.5,
-) -> Tensor:
-    """FCOS-style positive assignment of locations to GT boxes (Tian et al. 2019), one image.
-
-    A location is a candidate for a GT box when it lies inside the box, within
-    ``center_radius * stride`` of the box center (center sampling) and the box's largest
-    regression distance ``max(l, t, r, b)`` is in its level's range: ``[4s, 8s]`` for stride s
-    (FCOS: 0-64 at s=8, 64-128 at s=16, ...), open-ended at the smallest and largest stride.
-    Ties go to the GT box of smallest area. A GT box with no candidate gets the nearest valid
-    unassigned location (so tiny boxes are never left unsupervised).
-
-    Args:
-        points: ``[S, 2]`` location centers ``(x, y)`` in pixels.
-        strides: ``[S]`` stride of each location's level, in pixels.
-        valid: ``bool`` ``[S]``.
-        gt_boxes_xyxy: ``[N, 4]`` in pixels.
-        center_radius: center-sampling radius in strides.
-
-    Returns:
-        ``int64`` ``[S]``: the assigned GT index, -1 for negatives.
-    """
-    num_loc = points.shape[0]
-    assigned = torch.full((num_loc,), -1, dtype=torch.long, device=points.device)
-    if gt_boxes_xyxy.shape[0] == 0 or num_loc == 0:
-        return assigned
-    px, py = points[:, 0:1], points[:, 1:2]  # [S, 1]
-    x1, y1, x2, y2 = gt_boxes_xyxy.unbind(-1)  # [N]
-    ltrb = torch.stack((px - x1, py - y1, x2 - px, y2 - py), dim=-1)  # [S, N, 4]
-    inside = ltrb.amin(-1) > 0
-    stride = strides.to(points.dtype)[:, None]  # [S, 1]
-    radius = center_radius * stride
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    central = ((px - cx).abs() < radius) & ((py - cy).abs() < radius)  # [S, N]
-    levels = torch.unique(strides)
-    lo = torch.where(strides == levels.min(), torch.zeros_like(stride[:, 0]), 4 * stride[:, 0])
-    hi = torch.where(strides == levels.max(), torch.full_like(lo, math.inf), 8 * stride[:, 0])
-    reach = ltrb.amax(-1)  # [S, N]
-    in_range = (reach >= lo[:, None]) & (reach <= hi[:, None])
-    cand = inside & central & in_range & valid[:, None]
-    area = ((x2 - x1) * (y2 - y1))[None, :].expand(num_loc, -1)  # [S, N]
-    cost = torch.where(cand, area, torch.full_like(area, math.inf))
-    best_cost, best_gt = cost.min(dim=1)  # [S]
-    has = torch.isfinite(best_cost)
-    assigned[has] = best_gt[has]
-    # fallback for GT boxes without a single candidate: nearest valid free location
-    covered = torch.zeros(gt_boxes_xyxy.shape[0], dtype=torch.bool, device=points.device)
-    covered[assigned[has]] = True
-    for j in torch.nonzero(~covered).flatten().tolist():
-        dist2 = (px[:, 0] - cx[j]) ** 2 + (py[:, 0] - cy[j]) ** 2  # [S]
-        dist2 = torch.where(valid & (assigned < 0), dist2, torch.full_like(dist2, math.inf))
-        k = int(dist2.argmin())
-        if math.isfinite(float(dist2[k])):
-            assigned[k] = j
-    return assigned
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -19,7 +19,7 @@ from damex.modeling.outputs import DenseOutput
 from damex.modeling.transformer import MLP
 from damex.structures import box_xyxy_to_cxcywh
 
-__all__ = ["DenseHead", "location_points"]
+__all__ = ["DenseHead", "fcos_assign", "location_points"]
 
 _MAX_LOG_DIST = math.log(1e4)  # exp overflow guard (bf16 / fp16)
 
@@ -119,3 +119,65 @@ class DenseHead(nn.Module):
             strides=strides,
             valid=~memory_padding_mask,
         )
+
+
+def fcos_assign(
+    points: Tensor,
+    strides: Tensor,
+    valid: Tensor,
+    gt_boxes_xyxy: Tensor,
+    *,
+    center_radius: float = 1.5,
+) -> Tensor:
+    """FCOS-style positive assignment of locations to GT boxes (Tian et al. 2019), one image.
+
+    A location is a candidate for a GT box when it lies inside the box, within
+    ``center_radius * stride`` of the box center (center sampling) and the box's largest
+    regression distance ``max(l, t, r, b)`` is in its level's range: ``[4s, 8s]`` for stride s
+    (FCOS: 0-64 at s=8, 64-128 at s=16, ...), open-ended at the smallest and largest stride.
+    Ties go to the GT box of smallest area. A GT box with no candidate gets the nearest valid
+    unassigned location (so tiny boxes are never left unsupervised).
+
+    Args:
+        points: ``[S, 2]`` location centers ``(x, y)`` in pixels.
+        strides: ``[S]`` stride of each location's level, in pixels.
+        valid: ``bool`` ``[S]``.
+        gt_boxes_xyxy: ``[N, 4]`` in pixels.
+        center_radius: center-sampling radius in strides.
+
+    Returns:
+        ``int64`` ``[S]``: the assigned GT index, -1 for negatives.
+    """
+    num_loc = points.shape[0]
+    assigned = torch.full((num_loc,), -1, dtype=torch.long, device=points.device)
+    if gt_boxes_xyxy.shape[0] == 0 or num_loc == 0:
+        return assigned
+    px, py = points[:, 0:1], points[:, 1:2]  # [S, 1]
+    x1, y1, x2, y2 = gt_boxes_xyxy.unbind(-1)  # [N]
+    ltrb = torch.stack((px - x1, py - y1, x2 - px, y2 - py), dim=-1)  # [S, N, 4]
+    inside = ltrb.amin(-1) > 0
+    stride = strides.to(points.dtype)[:, None]  # [S, 1]
+    radius = center_radius * stride
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    central = ((px - cx).abs() < radius) & ((py - cy).abs() < radius)  # [S, N]
+    levels = torch.unique(strides)
+    lo = torch.where(strides == levels.min(), torch.zeros_like(stride[:, 0]), 4 * stride[:, 0])
+    hi = torch.where(strides == levels.max(), torch.full_like(lo, math.inf), 8 * stride[:, 0])
+    reach = ltrb.amax(-1)  # [S, N]
+    in_range = (reach >= lo[:, None]) & (reach <= hi[:, None])
+    cand = inside & central & in_range & valid[:, None]
+    area = ((x2 - x1) * (y2 - y1))[None, :].expand(num_loc, -1)  # [S, N]
+    cost = torch.where(cand, area, torch.full_like(area, math.inf))
+    best_cost, best_gt = cost.min(dim=1)  # [S]
+    has = torch.isfinite(best_cost)
+    assigned[has] = best_gt[has]
+    # fallback for GT boxes without a single candidate: nearest valid free location
+    covered = torch.zeros(gt_boxes_xyxy.shape[0], dtype=torch.bool, device=points.device)
+    covered[assigned[has]] = True
+    for j in torch.nonzero(~covered).flatten().tolist():
+        dist2 = (px[:, 0] - cx[j]) ** 2 + (py[:, 0] - cy[j]) ** 2  # [S]
+        dist2 = torch.where(valid & (assigned < 0), dist2, torch.full_like(dist2, math.inf))
+        k = int(dist2.argmin())
+        if math.isfinite(float(dist2[k])):
+            assigned[k] = j
+    return assigned

@@ -13,16 +13,11 @@ from torch import Tensor
 
 from damex.config import Config
 from damex.modeling.box_ops import generalized_box_iou
-from damex.modeling.criterion import (
-    SetCriterion,
-    _giou_loss,
-    build_criterion,
-    fcos_assign,
-    foreground_mask,
-    select_tokens,
-)
+from damex.modeling.criterion import SetCriterion, _giou_loss, build_criterion
+from damex.modeling.dense_head import fcos_assign
 from damex.modeling.matcher import HungarianMatcher
 from damex.modeling.outputs import DenseOutput, DetectorOutput, DNMeta, Prediction, TokenKind
+from damex.modeling.token_selection import foreground_mask, select_tokens
 from damex.moe.types import RoutingInfo
 from damex.structures import Batch, Target, box_cxcywh_to_xyxy
 
