@@ -134,7 +134,10 @@ class StaticMoE(nn.Module):
             slots.append(slot)
         return (torch.stack(slots, -1) < self.capacity).reshape(-1, k)
 
-    def forward(self, x: Tensor, token_image: Tensor | None = None) -> tuple[Tensor, RoutingInfo]:
+    def forward(
+        self, x: Tensor, token_image: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> tuple[Tensor, RoutingInfo]:
+        # context_mask (MoEBlock's matching-query mask) is all True at inference: no DN queries
         rx = x
         if self.router_context:  # inference: every token is a matching query of its image
             per_image = x.view(-1, self.tokens_per_image, x.shape[-1])
