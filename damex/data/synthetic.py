@@ -1011,6 +1011,68 @@ def _marker_current(
     )
 
 
+def _generate_rendered(
+    root: Path,
+    *,
+    datasets: Mapping[str, Sequence[str]],
+    split_sizes: Callable[[str, float], Mapping[str, int]],
+    render: Callable[[str, int, int, int], tuple[np.ndarray, list[Any]]],
+    marker_file: str,
+    version: int,
+    tag: str,
+    seed: int,
+    scale: float,
+    image_size: int,
+) -> dict[str, Any]:
+    """The write loop of the second-generation benchmarks (``synthetic_alt``,
+    ``synthetic_conflict``): every dataset folder replaced, every split's images rendered by
+    ``render(name, dataset index, split index, image index) -> (HWC uint8, objects)`` and saved,
+    its COCO JSON written, and the marker file written last (an interrupted run is not taken as
+    done). Returns the summary; the same minus ``seconds`` is the marker."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / marker_file).unlink(missing_ok=True)
+    start = time.perf_counter()
+    summary: dict[str, Any] = {
+        "root": str(root),
+        "generator_version": version,
+        "seed": seed,
+        "scale": scale,
+        "image_size": image_size,
+        "datasets": {},
+    }
+    for ds_index, name in enumerate(datasets):
+        _fresh_dataset_dir(root / name)
+        summary["datasets"][name] = {}
+        for split_index, (split, n) in enumerate(split_sizes(name, scale).items()):
+            records = []
+            for i in range(n):
+                image, objects = render(name, ds_index, split_index, i)
+                file_name = f"{split}_{i:05d}.png"
+                _save_image(image, root / name / "images" / file_name)
+                records.append(
+                    {
+                        "file_name": file_name,
+                        "height": image.shape[0],
+                        "width": image.shape[1],
+                        "objects": objects,
+                    }
+                )
+            _write_split_json(
+                root,
+                name,
+                split,
+                records,
+                description=f"damex {tag} benchmark: {name} {split}",
+                version=version,
+                seed=seed,
+                classes=datasets[name],
+                summary=summary,
+            )
+    _write_json(root / marker_file, summary)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    return summary
+
+
 def _write_split_json(
     root: Path,
     name: str,

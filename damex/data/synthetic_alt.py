@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,9 @@ from damex.data.synthetic import (
     Box,
     _Canvas,
     _ensure_generated,
-    _fresh_dataset_dir,
-    _save_image,
+    _generate_rendered,
     _scaled_split_sizes,
     _union,
-    _write_json,
-    _write_split_json,
 )
 
 __all__ = [
@@ -477,6 +473,13 @@ def _render(name: str, rng: np.random.Generator, image_size: int) -> tuple[np.nd
     return np.clip(layer.arr, 0, 255).round().astype(np.uint8), objects
 
 
+def _render_indexed(
+    name: str, ds_index: int, split_index: int, i: int, *, seed: int, image_size: int
+) -> tuple[np.ndarray, list[tuple[int, Box]]]:
+    """Image ``i`` of split ``split_index`` of dataset ``ds_index``, from its own RNG stream."""
+    return _render(name, np.random.default_rng([seed, 1000 + ds_index, split_index, i]), image_size)
+
+
 # -------------------------------------------------------------------------- writing
 def generate_alt_benchmark(
     out: str | os.PathLike[str], seed: int = 0, scale: float = 1.0, image_size: int = 256
@@ -492,50 +495,18 @@ def generate_alt_benchmark(
         raise ValueError(f"scale must be in (0, 100], got {scale}")
     if not 64 <= image_size <= 2048:
         raise ValueError(f"image_size must be in [64, 2048], got {image_size}")
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / ALT_MARKER_FILE).unlink(missing_ok=True)
-    start = time.perf_counter()
-    summary: dict[str, Any] = {
-        "root": str(root),
-        "generator_version": ALT_GENERATOR_VERSION,
-        "seed": seed,
-        "scale": scale,
-        "image_size": image_size,
-        "datasets": {},
-    }
-    for ds_index, name in enumerate(ALT_DATASETS):
-        _fresh_dataset_dir(root / name)
-        summary["datasets"][name] = {}
-        for split_index, (split, n) in enumerate(alt_split_sizes(name, scale).items()):
-            records = []
-            for i in range(n):
-                rng = np.random.default_rng([seed, 1000 + ds_index, split_index, i])
-                image, objects = _render(name, rng, image_size)
-                file_name = f"{split}_{i:05d}.png"
-                _save_image(image, root / name / "images" / file_name)
-                records.append(
-                    {
-                        "file_name": file_name,
-                        "height": image.shape[0],
-                        "width": image.shape[1],
-                        "objects": objects,
-                    }
-                )
-            _write_split_json(
-                root,
-                name,
-                split,
-                records,
-                description=f"damex synthetic_alt benchmark: {name} {split}",
-                version=ALT_GENERATOR_VERSION,
-                seed=seed,
-                classes=ALT_DATASETS[name],
-                summary=summary,
-            )
-    _write_json(root / ALT_MARKER_FILE, summary)
-    summary["seconds"] = round(time.perf_counter() - start, 2)
-    return summary
+    return _generate_rendered(
+        Path(out),
+        datasets=ALT_DATASETS,
+        split_sizes=alt_split_sizes,
+        render=functools.partial(_render_indexed, seed=seed, image_size=image_size),
+        marker_file=ALT_MARKER_FILE,
+        version=ALT_GENERATOR_VERSION,
+        tag="synthetic_alt",
+        seed=seed,
+        scale=scale,
+        image_size=image_size,
+    )
 
 
 def ensure_alt_benchmark(

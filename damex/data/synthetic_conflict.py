@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,15 +52,12 @@ from damex.data.synthetic import (
     _check_generation_args,
     _ensure_generated,
     _Frame,
-    _fresh_dataset_dir,
+    _generate_rendered,
     _jitter,
     _low_freq,
     _overlaps,
     _pick,
-    _save_image,
     _scaled_split_sizes,
-    _write_json,
-    _write_split_json,
 )
 
 __all__ = [
@@ -268,6 +264,17 @@ def _render(
     return np.clip(cv.arr, 0, 255).round().astype(np.uint8), objects
 
 
+def _render_indexed(
+    name: str, ds_index: int, split_index: int, i: int, *, seed: int, image_size: int
+) -> tuple[np.ndarray, list[tuple[int, Box]]]:
+    """Image ``i`` of split ``split_index`` of dataset ``ds_index``: one RNG stream for the
+    layout, one for the style (the same layout draw gives the same objects in either style)."""
+    key = [seed, 2000 + ds_index, split_index, i]
+    return _render(
+        name, np.random.default_rng([*key, 0]), np.random.default_rng([*key, 1]), image_size
+    )
+
+
 # --------------------------------------------------------------------------- writing
 def generate_conflict_benchmark(
     out: str | os.PathLike[str], seed: int = 0, scale: float = 1.0, image_size: int = 256
@@ -286,55 +293,18 @@ def generate_conflict_benchmark(
         marker file, written last, so an interrupted run is not taken as done.
     """
     _check_generation_args(seed, scale, image_size, image_sizes=(64, 2048))
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / CONFLICT_MARKER_FILE).unlink(missing_ok=True)
-    start = time.perf_counter()
-    summary: dict[str, Any] = {
-        "root": str(root),
-        "generator_version": CONFLICT_GENERATOR_VERSION,
-        "seed": seed,
-        "scale": scale,
-        "image_size": image_size,
-        "datasets": {},
-    }
-    for ds_index, name in enumerate(CONFLICT_DATASETS):
-        _fresh_dataset_dir(root / name)
-        summary["datasets"][name] = {}
-        for split_index, (split, n) in enumerate(conflict_split_sizes(name, scale).items()):
-            records = []
-            for i in range(n):
-                key = [seed, 2000 + ds_index, split_index, i]
-                image, objects = _render(
-                    name,
-                    np.random.default_rng([*key, 0]),
-                    np.random.default_rng([*key, 1]),
-                    image_size,
-                )
-                file_name = f"{split}_{i:05d}.png"
-                _save_image(image, root / name / "images" / file_name)
-                records.append(
-                    {
-                        "file_name": file_name,
-                        "height": image.shape[0],
-                        "width": image.shape[1],
-                        "objects": objects,
-                    }
-                )
-            _write_split_json(
-                root,
-                name,
-                split,
-                records,
-                description=f"damex synthetic_conflict benchmark: {name} {split}",
-                version=CONFLICT_GENERATOR_VERSION,
-                seed=seed,
-                classes=CONFLICT_DATASETS[name],
-                summary=summary,
-            )
-    _write_json(root / CONFLICT_MARKER_FILE, summary)
-    summary["seconds"] = round(time.perf_counter() - start, 2)
-    return summary
+    return _generate_rendered(
+        Path(out),
+        datasets=CONFLICT_DATASETS,
+        split_sizes=conflict_split_sizes,
+        render=functools.partial(_render_indexed, seed=seed, image_size=image_size),
+        marker_file=CONFLICT_MARKER_FILE,
+        version=CONFLICT_GENERATOR_VERSION,
+        tag="synthetic_conflict",
+        seed=seed,
+        scale=scale,
+        image_size=image_size,
+    )
 
 
 def ensure_conflict_benchmark(
