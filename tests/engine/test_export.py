@@ -89,6 +89,25 @@ def test_static_moe_drops_what_the_layer_drops() -> None:
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
 
 
+def test_static_moe_router_context_equals_the_layer() -> None:
+    """The static graph's per-image context (a reshape mean) routes like MoEFFN's index_add."""
+    from damex.moe.layer import MoEFFN
+
+    torch.manual_seed(0)
+    layer = MoEFFN(
+        d_model=8, hidden_dim=16, num_experts=3, capacity_factor=0.0, router_context=True
+    ).eval()
+    static = StaticMoE(layer, tokens_per_image=12).eval()
+    x = torch.randn(24, 8)
+    x[12:] += 3.0  # the two images' contexts differ
+    image = torch.arange(2).repeat_interleave(12)
+    y_ref, info_ref = layer(x, image)
+    y, info = static(x, image)
+    torch.testing.assert_close(info.logits, info_ref.logits, rtol=0, atol=1e-6)
+    assert torch.equal(info.expert, info_ref.expert)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+
+
 def test_export_cli_help_and_errors(capsys, reference_run: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["export", "--help"])
