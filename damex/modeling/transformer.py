@@ -23,8 +23,7 @@ Structure (DINO, Zhang et al. 2022; Deformable DETR, Zhu et al. 2021; docs/desig
   position does not depend on the batch's padding.
 
 DropPath (docs/design.md Q14): one keep/drop draw per (image, query) token, not per query index
-shared
-across the batch as in the official query-major code.
+shared across the batch as in the official query-major code.
 """
 
 from __future__ import annotations
@@ -177,8 +176,7 @@ class MoEBlock(nn.Module):
 
     Tokens are flattened batch-major (``t = b * N + n``) and the image index of every token is
     passed explicitly (docs/design.md Q2), so capacity per image and the DAMEX targets never depend
-    on a
-    guessed layout.
+    on a guessed layout.
 
     Args:
         moe: the MoE layer, ``forward(x [T, D], token_image [T]) -> (y [T, D], RoutingInfo)``
