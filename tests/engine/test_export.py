@@ -108,6 +108,31 @@ def test_static_moe_router_context_equals_the_layer() -> None:
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
 
 
+def test_router_context_model_exports_with_parity(synthetic_root: Path, tmp_path: Path) -> None:
+    """A whole detector whose router reads the image context: ONNX equals eager end to end."""
+    from damex.config import config_from_dict
+    from damex.engine.trainer import train
+    from damex.export import onnx_parity
+    from engine_fixtures import tiny_config_dict
+
+    d = tiny_config_dict(synthetic_root, tmp_path / "run", epochs=1)
+    d["moe"].update(router_context=True, router_detach=True, capacity_factor=0.0)
+    cfg = config_from_dict(d)
+    train(cfg)
+    out = tmp_path / "context.onnx"
+    report = export_checkpoint(cfg, tmp_path / "run" / "last.pth", out, image_size=(64, 96))
+    predictor = Predictor.from_checkpoint(tmp_path / "run" / "last.pth")
+    from damex.moe.layer import MoEFFN
+
+    moes = [m for m in predictor.model.modules() if isinstance(m, MoEFFN)]
+    assert len(moes) == 1 and moes[0].router_context
+    images = normalized_images(_test_images(synthetic_root), (64, 96), predictor.model)
+    parity = onnx_parity(out, predictor.model, images, report.num_select)
+    assert parity["images"] == 5 and parity["unmatched_detections"] == 0
+    assert parity["max_box_diff"] <= 1e-4 and parity["max_score_diff"] <= 1e-4
+    assert parity["expert_mismatches"] == 0
+
+
 def test_export_cli_help_and_errors(capsys, reference_run: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["export", "--help"])
