@@ -82,7 +82,7 @@ def test_small_damex_overfits_four_images(tmp_path: Path) -> None:
             },
             "train": {
                 "epochs": 100000,
-                "max_iters": 150,
+                "max_iters": 100,
                 "batch_size": 4,
                 "lr": 1e-3,
                 "lr_backbone": 1e-3,
@@ -98,8 +98,9 @@ def test_small_damex_overfits_four_images(tmp_path: Path) -> None:
             "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
         }
     )
+    # 100 iterations: AP50 1.000 with train.seed 0 and 1 (150 iterations took 1.5x the time)
     result = train(cfg)
-    assert result.iterations == 150
+    assert result.iterations == 100
     res = result.final_results
     assert res is not None
     assert res.mean_ap50 >= 0.9, res.to_markdown()
