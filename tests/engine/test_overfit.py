@@ -99,7 +99,7 @@ def test_small_damex_overfits_four_images(tmp_path: Path) -> None:
         }
     )
     # 100 iterations (150 took 1.5x the time): AP50 1.000 with train.seed 0 and 1; seed 2 stalled
-    # at 0.82 (one missed object; also at 96 px with 100 and 150 iterations)
+    # at 0.82 (and so did 96-px images at 100 and at 150 iterations)
     result = train(cfg)
     assert result.iterations == 100
     res = result.final_results
