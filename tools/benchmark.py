@@ -5,8 +5,8 @@
 expert-parallel experts on 2 gloo processes (``damex.moe.parallel_bench``);
 ``profile -c CONFIG [--image-size S]``: where the time of a training step goes; ``deform``:
 deformable attention, reference vs fast;
-``infer``: inference images/s (eager vs ``torch.compile``); ``iters``: training iterations/s of
-several configs, interleaved; ``onnx [-c CONFIG] [--checkpoint CKPT]``: the exported ONNX
+``infer``: inference images/s (eager vs ``torch.compile``) (training iterations/s of several
+configs, interleaved: ``profile -c A -c B``); ``onnx [-c CONFIG] [--checkpoint CKPT]``: the exported ONNX
 model's latency (onnxruntime) beside PyTorch eager.
 """
 
@@ -19,12 +19,16 @@ _OWN = {
     "profile": "damex.engine.step_profile",
     "deform": "damex.modeling.bench",
     "infer": "damex.engine.inference_bench",
-    "iters": "damex.engine.step_profile",
     "onnx": "damex.export",
 }
 
 
 def _main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):  # every subcommand, not only damex benchmark's
+        print("usage: python tools/benchmark.py {moe,model,profile,deform,infer,onnx} ...")
+        print(__doc__)
+        print("Each subcommand's options: python tools/benchmark.py SUBCOMMAND --help")
+        return 0
     if argv[:1] == ["moe"] and "--distributed" in argv:  # expert parallelism, gloo processes
         from damex.moe.parallel_bench import main as parallel_main
 
@@ -36,7 +40,6 @@ def _main(argv: list[str]) -> int:
         entry = {
             "deform": "deform_main",
             "infer": "main",
-            "iters": "iters_main",
             "onnx": "bench_main",
         }.get(argv[0], "main")
         return int(getattr(module, entry)(argv[1:]) or 0)
