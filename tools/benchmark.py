@@ -5,9 +5,9 @@
 expert-parallel experts on 2 gloo processes (``damex.moe.parallel_bench``);
 ``profile -c CONFIG [--image-size S]``: where the time of a training step goes; ``deform``:
 deformable attention, reference vs fast;
-``infer``: inference images/s (eager vs ``torch.compile``) (training iterations/s of several
-configs, interleaved: ``profile -c A -c B``); ``onnx [-c CONFIG] [--checkpoint CKPT]``: the exported ONNX
-model's latency (onnxruntime) beside PyTorch eager.
+``infer``: inference images/s (eager vs ``torch.compile``); training iterations/s of several
+configs, interleaved: ``profile -c A -c B``; ``onnx [-c CONFIG] [--checkpoint CKPT]``: the
+exported ONNX model's latency (onnxruntime) beside PyTorch eager.
 """
 
 import sys
