@@ -93,6 +93,7 @@ MoELoss = Literal["damex", "load_importance", "load_importance_corrected", "swit
 TokenSelection = Literal["all", "matching_only", "foreground", "exclude_dn"]  # decoder tokens
 LogitsSource = Literal["clean", "noisy"]  # router logits before / after the training noise
 VOCMetric = Literal["area", "11point"]  # VOC AP: all-point (VOC2010+) | 11-point (VOC07)
+LabelMask = Literal["none", "router"]  # eval: all labels | the router's voted dataset(s)' labels
 MoENorm = Literal["pre", "post"]  # MoE sub-block: x + MoE(LN(x)) (DAMEX) | LN(x + MoE(x)) (dense)
 ExpertInit = Literal["independent", "identical", "zero_out"]  # own init | copies of one | fc2 = 0
 MoELossSchedule = Literal["constant", "ramp", "decay"]  # MoE loss weight over training
@@ -325,6 +326,9 @@ class EvalConfig:
     routing_tokens: TokenSelection = "matching_only"  # for routing statistics / heatmaps
     report_images: int = 4  # per-dataset overlays in the routing report
     voc_metric: VOCMetric = "area"  # the VOC AP50 column: all-point ("area") or VOC07 "11point"
+    # "router": each image keeps only the labels of the dataset(s) its MoE router votes for (no
+    # dataset id; damex.modeling.postprocess.router_label_mask); needs MoE layers and a map
+    label_mask: LabelMask = "none"
 
 
 @dataclass(frozen=True)
@@ -678,6 +682,8 @@ def _validate(cfg: Config, source: str, origin: Mapping[str, str]) -> None:
         fail("moe.loss_ramp_frac", f"must be in (0, 1], got {cfg.moe.loss_ramp_frac}")
     if cfg.moe.unit_gate and cfg.moe.top_k != 1:
         fail("moe.unit_gate", f"needs moe.top_k = 1, got {cfg.moe.top_k}")
+    if cfg.eval.label_mask == "router" and not cfg.uses_moe:
+        fail("eval.label_mask", "= router needs MoE layers (model.decoder_ffn has no 'moe')")
     if not 0 <= cfg.moe.base_experts < max(cfg.moe.num_experts, 1):
         fail(
             "moe.base_experts",

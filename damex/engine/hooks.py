@@ -341,6 +341,7 @@ class Evaluation(HookBase):
             expert_of_dataset=t.data.expert_of_dataset,
             matcher=t.criterion.matcher if want_routing else None,
             voc_metric=t.cfg.eval.voc_metric,
+            label_mask=t.cfg.eval.label_mask,
         )
         self.last_routing = routing
         improved = False

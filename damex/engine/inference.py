@@ -24,13 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from damex.config import VOCMetric
+from damex.config import LabelMask, VOCMetric
 from damex.data.label_space import LabelSpace
 from damex.engine import distributed as dist_utils
 from damex.engine.ema import unwrap_model
 from damex.engine.expert_parallel import inference_lockstep
 from damex.evaluation.coco_eval import EvalResults, MultiDatasetEvaluator
-from damex.modeling.postprocess import PostProcess
+from damex.modeling.postprocess import PostProcess, router_label_mask
 from damex.modeling.token_selection import foreground_mask, select_tokens
 from damex.moe.stats import RoutingStats
 from damex.structures import Batch, Detections
@@ -96,6 +96,7 @@ def run_inference(
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
     voc_metric: VOCMetric = "area",
+    label_mask: LabelMask = "none",
 ) -> tuple[EvalResults | RawDetections | None, Any]:
     """Run the detector over every test loader and evaluate per dataset.
 
@@ -122,6 +123,9 @@ def run_inference(
         amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None.
         progress: show a tqdm bar on rank 0.
         voc_metric: interpolation of the VOC AP50 column (``eval.voc_metric``).
+        label_mask: ``"router"`` keeps, per image, only the labels of the dataset(s) its router
+            votes for (:func:`~damex.modeling.postprocess.router_label_mask`, no dataset id;
+            needs ``expert_of_dataset``); ``"none"`` all labels (``eval.label_mask``).
 
     Returns:
         ``(results, routing)``: ``EvalResults`` on rank 0 (None on other ranks) or
@@ -134,6 +138,10 @@ def run_inference(
     sink = _Sink(label_space, routing_tokens, matcher, expert_of_dataset, routing_stats)
     sink.evaluator = _evaluator(loaders, label_space, gt, max_images, voc_metric)
     sink.main_pp, sink.oracle_pp = _postprocessors(postprocess, restrict)
+    if label_mask == "router":
+        sink.router_mask = _router_mask_inputs(label_space, expert_of_dataset)
+    elif label_mask != "none":
+        raise ValueError(f"label_mask must be 'none' or 'router', got {label_mask!r}")
     names = [
         n for n in loaders if sink.evaluator is None or n in sink.evaluator.datasets_to_evaluate
     ]
@@ -190,6 +198,23 @@ def _evaluator(
         only_processed_images=max_images > 0 or _capped(loaders),
         voc_metric=voc_metric,
     )
+
+
+def _router_mask_inputs(
+    label_space: LabelSpace, expert_of_dataset: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(expert_of_dataset [D], dataset_labels bool [D, K])`` for ``label_mask="router"``."""
+    if expert_of_dataset is None or not bool((expert_of_dataset >= 0).all()):
+        raise ValueError(
+            "eval.label_mask=router needs an expert for every dataset of the label space "
+            "(moe.expert_map)"
+        )
+    dataset_labels = torch.zeros(
+        label_space.num_datasets, label_space.num_classes, dtype=torch.bool
+    )
+    for d in range(label_space.num_datasets):
+        dataset_labels[d, label_space.dataset_slice(d)] = True
+    return expert_of_dataset.long().cpu(), dataset_labels
 
 
 def _postprocessors(
@@ -286,12 +311,13 @@ class _Sink:
     oracle_pp: PostProcess | None = None
     raw: RawDetections = field(default_factory=RawDetections)
     stats: RoutingStats | None = None
+    router_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # see _router_mask_inputs
 
     def add(self, name: str, batch: Batch, out: Any) -> None:
         if self.routing_stats and out.routing:
             self._add_routing(batch, out)
         assert self.main_pp is not None
-        dets = [d.to("cpu") for d in self.main_pp(out.pred, batch.orig_sizes)]
+        dets = [d.to("cpu") for d in self._detections(batch, out)]
         oracle = None
         if self.oracle_pp is not None:
             ls = self.label_space
@@ -305,6 +331,17 @@ class _Sink:
         self.raw.detections.setdefault(name, []).extend(zip(ids, dets))
         if oracle is not None:
             self.raw.oracle.setdefault(name, []).extend(zip(ids, oracle))
+
+    def _detections(self, batch: Batch, out: Any) -> list[Detections]:
+        """The protocol detections: top-K over all labels, or over the router's voted labels."""
+        assert self.main_pp is not None
+        if self.router_mask is None:
+            return self.main_pp(out.pred, batch.orig_sizes)
+        if not out.routing:
+            raise ValueError("eval.label_mask=router needs a model with MoE layers")
+        masks = router_label_mask(out.routing, *self.router_mask, batch_size=len(batch))
+        pp = PostProcess(num_select=self.main_pp.num_select, restrict_to_dataset_labels=True)
+        return pp(out.pred, batch.orig_sizes, list(masks))
 
     def _add_routing(self, batch: Batch, out: Any) -> None:
         if self.stats is None:

@@ -96,5 +96,7 @@ def evaluate(
         restrict=restrict or cfg.eval.restrict_to_dataset_labels,
         amp_dtype=amp_dtype(cfg.train.amp),
         voc_metric=cfg.eval.voc_metric,
+        expert_of_dataset=data.expert_of_dataset,
+        label_mask=cfg.eval.label_mask,
     )
     return results

@@ -128,6 +128,7 @@ def _eval_with_routing(
         expert_of_dataset=data.expert_of_dataset,
         matcher=criterion.matcher,
         voc_metric=cfg.eval.voc_metric,
+        label_mask=cfg.eval.label_mask,
     )
 
 

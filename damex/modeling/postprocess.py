@@ -12,10 +12,54 @@ import torch
 from torch import Tensor, nn
 
 from damex.config import Config
-from damex.modeling.outputs import Prediction
+from damex.modeling.outputs import Prediction, TokenKind
+from damex.moe.types import RoutingInfo
 from damex.structures import Detections, denormalize_boxes
 
-__all__ = ["PostProcess", "build_postprocess"]
+__all__ = ["PostProcess", "build_postprocess", "router_label_mask"]
+
+
+def router_label_mask(
+    routing: list[RoutingInfo],
+    expert_of_dataset: Tensor,
+    dataset_labels: Tensor,
+    batch_size: int,
+) -> Tensor:
+    """Per image, the labels of the dataset(s) its router votes for (``eval.label_mask=router``).
+
+    Every matching query of every MoE layer casts one vote, its top-1 expert; a dataset's score is
+    the number of votes for its expert (``expert_of_dataset``), and the image keeps the label
+    blocks of the best-scoring datasets (ties, e.g. datasets that share an expert, keep all of
+    them). No dataset id is used: this is DAMEX's router acting as a domain classifier. An image
+    whose votes all go to experts no dataset maps to keeps every label.
+
+    Args:
+        routing: one ``RoutingInfo`` per MoE layer of one forward pass (tokens tagged with
+            ``token_kind``; untagged layers vote with every token).
+        expert_of_dataset: ``int64 [D]`` expert of every dataset id (all >= 0).
+        dataset_labels: ``bool [D, K]``, True where unified label k belongs to dataset d.
+        batch_size: ``B``.
+
+    Returns:
+        ``bool [B, K]``.
+    """
+    if not routing:
+        raise ValueError("router_label_mask needs the routing of at least one MoE layer")
+    if bool((expert_of_dataset < 0).any()):
+        raise ValueError("router_label_mask needs an expert for every dataset (moe.expert_map)")
+    device = routing[0].expert.device
+    votes = torch.zeros(batch_size, routing[0].num_experts, device=device)  # [B, E]
+    for info in routing:
+        voting = torch.ones_like(info.token_image, dtype=torch.bool)  # [T]
+        if info.token_kind is not None:
+            voting = info.token_kind.to(device) == TokenKind.MATCHING
+        ones = torch.ones(int(voting.sum()), device=device)
+        votes.index_put_((info.token_image[voting], info.expert[voting, 0]), ones, accumulate=True)
+    score = votes[:, expert_of_dataset.to(device)]  # [B, D]
+    best = score.max(dim=1, keepdim=True).values  # [B, 1]
+    chosen = (score == best) & (best > 0)  # [B, D]
+    chosen[~chosen.any(dim=1)] = True  # no vote for a mapped expert: every dataset
+    return (chosen.float() @ dataset_labels.to(device).float()) > 0  # [B, K]
 
 
 class PostProcess(nn.Module):

@@ -110,10 +110,11 @@ def test_static_moe_router_context_equals_the_layer() -> None:
 
 def test_router_context_model_exports_with_parity(synthetic_root: Path, tmp_path: Path) -> None:
     """A whole detector whose router reads the image context: ONNX equals eager end to end."""
+    from engine_fixtures import tiny_config_dict
+
     from damex.config import config_from_dict
     from damex.engine.trainer import train
     from damex.export import onnx_parity
-    from engine_fixtures import tiny_config_dict
 
     d = tiny_config_dict(synthetic_root, tmp_path / "run", epochs=1)
     d["moe"].update(router_context=True, router_detach=True, capacity_factor=0.0)

@@ -84,3 +84,47 @@ def test_read_ahead_keeps_order_and_reraises_loader_errors():
     assert next(it) == 1
     with pytest.raises(ValueError, match="bad image"):
         next(it)
+
+
+def test_router_label_mask_in_evaluation_matches_a_direct_computation(parts) -> None:
+    """eval.label_mask=router: each image keeps the labels of the dataset its router votes for."""
+    from damex.modeling.postprocess import PostProcess, router_label_mask
+
+    cfg, data, model, loaders = parts
+    results, _ = run_inference(
+        model,
+        build_postprocess(cfg),
+        loaders,
+        data.label_space,
+        routing_stats=False,
+        expert_of_dataset=data.expert_of_dataset,
+        label_mask="router",
+        progress=False,
+    )
+    ls = data.label_space
+    dataset_labels = torch.zeros(ls.num_datasets, ls.num_classes, dtype=torch.bool)
+    for d in range(ls.num_datasets):
+        dataset_labels[d, ls.dataset_slice(d)] = True
+    pp = PostProcess(num_select=cfg.eval.num_select, restrict_to_dataset_labels=True)
+    model.eval()
+    for name in TRAIN_SETS:
+        own = dataset_labels[ls.dataset_index(name)]
+        expected_foreign = expected_kept = 0
+        with torch.inference_mode():
+            for batch in loaders[name]:
+                out = model(batch)
+                masks = router_label_mask(
+                    out.routing, data.expert_of_dataset, dataset_labels, batch_size=len(batch)
+                )
+                for mask, det in zip(masks, pp(out.pred, batch.orig_sizes, list(masks))):
+                    k_own = int(own.sum())  # one dataset's block, the other's, or all (a tie)
+                    assert int(mask.sum()) in (k_own, ls.num_classes - k_own, ls.num_classes)
+                    is_own = own[det.labels]
+                    expected_kept += int(is_own.sum())
+                    expected_foreign += int((~is_own).sum())
+        assert results.datasets[name].num_foreign == expected_foreign
+        assert results.datasets[name].num_detections == expected_kept
+    with pytest.raises(ValueError, match="an expert for every dataset"):
+        run_inference(
+            model, build_postprocess(cfg), loaders, ls, label_mask="router", progress=False
+        )
