@@ -41,7 +41,7 @@ from damex.engine.distributed import resolve_device
 from damex.errors import CheckpointError, ConfigError
 from damex.modeling import build_model
 from damex.modeling.outputs import TokenKind
-from damex.modeling.postprocess import PostProcess
+from damex.modeling.postprocess import PostProcess, dataset_label_matrix, router_label_mask
 from damex.moe.types import RoutingInfo
 from damex.structures import Batch, Detections, Sample
 
@@ -331,6 +331,7 @@ class Predictor:
         *,
         device: torch.device | str = "cpu",
         num_select: int | None = None,
+        label_mask: str | None = None,
     ) -> None:
         self.model = model.eval()
         self.cfg = cfg
@@ -345,6 +346,18 @@ class Predictor:
         for name, e in self.expert_map.items():
             if e >= 0:
                 self.expert_datasets.setdefault(e, []).append(name)
+        self.label_mask = label_mask or cfg.eval.label_mask
+        self._router_mask: tuple[Tensor, Tensor] | None = None
+        if self.label_mask == "router":
+            experts = [self.expert_map.get(n, -1) for n in label_space.dataset_names]
+            if not cfg.uses_moe or min(experts) < 0:
+                raise ConfigError(
+                    "label_mask='router' needs MoE layers and an expert for every dataset "
+                    f"(expert map: {self.expert_map})"
+                )
+            self._router_mask = (torch.tensor(experts), dataset_label_matrix(label_space))
+        elif self.label_mask != "none":
+            raise ConfigError(f"label_mask must be 'none' or 'router', got {self.label_mask!r}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -356,6 +369,7 @@ class Predictor:
         device: torch.device | str | None = None,
         use_ema: bool = True,
         num_select: int | None = None,
+        label_mask: str | None = None,
     ) -> Predictor:
         """Load a run folder written by ``damex train`` (or ``damex extend``).
 
@@ -366,6 +380,8 @@ class Predictor:
             device: default ``cpu``.
             use_ema: use the EMA weights when the checkpoint has them (as evaluation does).
             num_select: detections per image (default: the run's ``eval.num_select``).
+            label_mask: ``"router"``: each image keeps only the labels of the dataset(s) its
+                router votes for (default: the run's ``eval.label_mask``).
 
         Raises:
             CheckpointError: no checkpoint, or weights that do not fit the config.
@@ -381,6 +397,7 @@ class Predictor:
             device=device,
             use_ema=use_ema,
             num_select=num_select,
+            label_mask=label_mask,
         )
 
     @classmethod
@@ -392,6 +409,7 @@ class Predictor:
         device: torch.device | str | None = None,
         use_ema: bool = True,
         num_select: int | None = None,
+        label_mask: str | None = None,
     ) -> Predictor:
         """Load a checkpoint with a config (default: the config saved in the checkpoint).
 
@@ -427,7 +445,15 @@ class Predictor:
             dev = resolve_device("auto")
         model.to(dev)
         logger.info("predictor: %s (%d classes, map %s)", path, label_space.num_classes, expert_map)
-        return cls(model, cfg, label_space, expert_map, device=dev, num_select=num_select)
+        return cls(
+            model,
+            cfg,
+            label_space,
+            expert_map,
+            device=dev,
+            num_select=num_select,
+            label_mask=label_mask,
+        )
 
     # ------------------------------------------------------------------ inference
     def __call__(self, image: ImageInput) -> NativeDetections:
@@ -491,7 +517,14 @@ class Predictor:
     def _run(self, images: list[Tensor]) -> list[NativeDetections]:
         batch = self._batch(images)
         out = self.model(batch)
-        dets = self.postprocess(out.pred, batch.orig_sizes)
+        if self._router_mask is not None:  # each image: its router's dataset(s)' labels only
+            masks = router_label_mask(out.routing, *self._router_mask, batch_size=len(images))
+            pp = PostProcess(
+                num_select=self.postprocess.num_select, restrict_to_dataset_labels=True
+            )
+            dets = pp(out.pred, batch.orig_sizes, list(masks))
+        else:
+            dets = self.postprocess(out.pred, batch.orig_sizes)
         num_queries = int(out.pred.logits.shape[1])
         results = []
         for b, det in enumerate(dets):

@@ -30,7 +30,7 @@ from damex.engine import distributed as dist_utils
 from damex.engine.ema import unwrap_model
 from damex.engine.expert_parallel import inference_lockstep
 from damex.evaluation.coco_eval import EvalResults, MultiDatasetEvaluator
-from damex.modeling.postprocess import PostProcess, router_label_mask
+from damex.modeling.postprocess import PostProcess, dataset_label_matrix, router_label_mask
 from damex.modeling.token_selection import foreground_mask, select_tokens
 from damex.moe.stats import RoutingStats
 from damex.structures import Batch, Detections
@@ -209,12 +209,7 @@ def _router_mask_inputs(
             "eval.label_mask=router needs an expert for every dataset of the label space "
             "(moe.expert_map)"
         )
-    dataset_labels = torch.zeros(
-        label_space.num_datasets, label_space.num_classes, dtype=torch.bool
-    )
-    for d in range(label_space.num_datasets):
-        dataset_labels[d, label_space.dataset_slice(d)] = True
-    return expert_of_dataset.long().cpu(), dataset_labels
+    return expert_of_dataset.long().cpu(), dataset_label_matrix(label_space)
 
 
 def _postprocessors(

@@ -8,6 +8,8 @@ scores of classes outside the image's dataset slice are removed before the top-K
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -16,7 +18,15 @@ from damex.modeling.outputs import Prediction, TokenKind
 from damex.moe.types import RoutingInfo
 from damex.structures import Detections, denormalize_boxes
 
-__all__ = ["PostProcess", "build_postprocess", "router_label_mask"]
+__all__ = ["PostProcess", "build_postprocess", "dataset_label_matrix", "router_label_mask"]
+
+
+def dataset_label_matrix(label_space: Any) -> Tensor:
+    """``bool [D, K]``: True where unified label k belongs to dataset d (a ``LabelSpace``)."""
+    out = torch.zeros(label_space.num_datasets, label_space.num_classes, dtype=torch.bool)
+    for d in range(label_space.num_datasets):
+        out[d, label_space.dataset_slice(d)] = True
+    return out
 
 
 def router_label_mask(

@@ -199,7 +199,8 @@ def draw_boxes(
     ys = np.sort(np.clip(boxes[:, [1, 3]], 0.0, h_img - 1), axis=1)
     clipped = np.stack((xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]), axis=1)  # [N, 4]
     drawn = draw_bounding_boxes(
-        torch.from_numpy(hwc).permute(2, 0, 1),
+        # draw_bounding_boxes returns a new image; a read-only array (PIL's) is copied first
+        torch.from_numpy(hwc if hwc.flags.writeable else hwc.copy()).permute(2, 0, 1),
         torch.from_numpy(clipped).float(),
         colors=cols,  # type: ignore[arg-type]
         width=width,

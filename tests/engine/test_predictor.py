@@ -127,6 +127,25 @@ def test_explanations_name_expert_gate_and_mapped_datasets(
         assert by_query.setdefault(r["query"], key) == key
 
 
+def test_router_label_mask_keeps_the_voted_datasets_labels(
+    predictor: damex.Predictor, reference_run: Path, synthetic_root: Path
+) -> None:
+    """label_mask='router': the labels come from the dataset(s) the image's router votes for."""
+    masked = damex.Predictor.from_run(reference_run, label_mask="router")
+    for dataset in ("syn_photo", "syn_signs"):
+        path, _ = _test_image(synthetic_root, dataset)
+        full, det = predictor(path), masked(path)
+        votes = predictor.routing_counts([path]).sum(0)  # [E]: all matching queries' votes
+        voted = [n for n, e in predictor.expert_map.items() if votes[e] == votes.max()]
+        assert set(det.datasets) <= set(voted) and len(det) > 0
+        # the masked top-K is the unmasked ranking with the other datasets' labels removed
+        keep = [i for i, d in enumerate(full.datasets) if d in voted]
+        n = min(len(keep), len(det))
+        torch.testing.assert_close(det.scores[:n], full.scores[keep][:n], rtol=0, atol=1e-6)
+    with pytest.raises(damex.ConfigError, match="label_mask must be"):
+        damex.Predictor.from_run(reference_run, label_mask="oracle")
+
+
 def test_bad_inputs_are_named(predictor: damex.Predictor, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         predictor(torch.full((3, 8, 8), 200.0))
