@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from damex.config import Config
+from damex.config import Config, config_from_dict, config_to_dict
 from damex.engine import checkpoint as ckpt
 from damex.engine import distributed as dist_utils
 from damex.engine import expert_parallel
@@ -27,6 +27,26 @@ from damex.errors import ConfigError
 __all__ = ["load_for_inference", "evaluate"]
 
 logger = logging.getLogger(__name__)
+
+
+def with_saved_expert_map(cfg: Config, state: dict[str, Any], path: Path) -> Config:
+    """``cfg`` with ``moe.expert_map: auto`` replaced by the map the run computed and saved.
+
+    ``auto`` is resolved once, at the start of training, from the data; every checkpoint keeps
+    the result (``expert_map``). Evaluating with the run's config must use that map, not
+    propose a new one.
+    """
+    if not (isinstance(cfg.moe.expert_map, str) and cfg.moe.expert_map == "auto"):
+        return cfg
+    saved = state.get("expert_map")
+    if not isinstance(saved, dict) or not saved:
+        raise ConfigError(
+            f"{path}: moe.expert_map is 'auto' but the checkpoint has no saved map; "
+            f"give the map the run used as moe.expert_map"
+        )
+    data = config_to_dict(cfg)
+    data["moe"]["expert_map"] = {str(k): int(v) for k, v in saved.items() if int(v) >= 0}
+    return config_from_dict(data, source=f"{path}: the saved expert_map")
 
 
 def load_for_inference(
@@ -46,6 +66,7 @@ def load_for_inference(
     """
     path = Path(checkpoint)
     state = ckpt.load_checkpoint(path, required_keys=("model", "label_space"))
+    cfg = with_saved_expert_map(cfg, state, path)
     data = build_run_data(cfg, label_space_state=state["label_space"])
     model, _, postprocess = build_model_parts(cfg, data.label_space.num_classes)
     weights = state["model"]

@@ -63,3 +63,28 @@ def test_propose_map_cli_writes_a_loadable_map(
     with pytest.raises(SystemExit):
         main(["propose-map", "--help"])
     assert "share an expert only when" in capsys.readouterr().out
+
+
+def test_an_auto_map_run_trains_reports_and_evaluates_with_its_saved_map(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """The routing report after training and `damex evaluate` of the run's config (still
+    'auto') use the map the run computed and saved, not a fresh proposal (they used to fail)."""
+    import torch
+
+    cfg_file = tmp_path / "auto.yaml"
+    d = tiny_config_dict(synthetic_root, tmp_path / "run", epochs=1)
+    d["data"]["train"] = ["syn_photo", "syn_signs", "syn_faces"]
+    d["moe"]["num_experts"] = 2
+    d["moe"]["expert_map"] = "auto"
+    d["eval"]["report_images"] = 0
+    cfg_file.write_text(yaml.safe_dump(d))
+    assert main(["train", "-c", str(cfg_file)]) == 0
+    saved = torch.load(tmp_path / "run" / "last.pth", weights_only=False)["expert_map"]
+    assert set(saved) == {"syn_photo", "syn_signs", "syn_faces"}
+    routing = (tmp_path / "run" / "routing" / "routing.md").read_text()
+    assert all(name in routing for name in saved)
+    out = tmp_path / "eval"
+    args = ["evaluate", "-c", str(cfg_file), "--checkpoint", str(tmp_path / "run" / "last.pth")]
+    assert main([*args, "--out", str(out)]) == 0
+    assert (out / "results.json").is_file()
