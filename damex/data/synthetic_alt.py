@@ -48,6 +48,7 @@ from damex.data.synthetic import (
     SPLITS,
     Box,
     _Canvas,
+    _check_generation_args,
     _ensure_generated,
     _generate_rendered,
     _scaled_split_sizes,
@@ -491,10 +492,7 @@ def generate_alt_benchmark(
         "datasets": {name: {split: {"images", "boxes"}}}}``; the same minus ``seconds`` is the
         marker file, written last.
     """
-    if not 0 < scale <= 100:
-        raise ValueError(f"scale must be in (0, 100], got {scale}")
-    if not 64 <= image_size <= 2048:
-        raise ValueError(f"image_size must be in [64, 2048], got {image_size}")
+    _check_generation_args(seed, scale, image_size, image_sizes=(64, 2048))
     return _generate_rendered(
         Path(out),
         datasets=ALT_DATASETS,
