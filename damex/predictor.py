@@ -41,7 +41,7 @@ from damex.engine.distributed import resolve_device
 from damex.errors import CheckpointError, ConfigError
 from damex.modeling import build_model
 from damex.modeling.outputs import TokenKind
-from damex.modeling.postprocess import PostProcess, dataset_label_matrix, router_label_mask
+from damex.modeling.postprocess import PostProcess, dataset_label_matrix, router_masked_detections
 from damex.moe.types import RoutingInfo
 from damex.structures import Batch, Detections, Sample
 
@@ -518,11 +518,14 @@ class Predictor:
         batch = self._batch(images)
         out = self.model(batch)
         if self._router_mask is not None:  # each image: its router's dataset(s)' labels only
-            masks = router_label_mask(out.routing, *self._router_mask, batch_size=len(images))
-            pp = PostProcess(
-                num_select=self.postprocess.num_select, restrict_to_dataset_labels=True
+            experts, labels = self._router_mask
+            dets = router_masked_detections(
+                out,
+                batch.orig_sizes,
+                num_select=self.postprocess.num_select,
+                expert_of_dataset=experts,
+                dataset_labels=labels,
             )
-            dets = pp(out.pred, batch.orig_sizes, list(masks))
         else:
             dets = self.postprocess(out.pred, batch.orig_sizes)
         num_queries = int(out.pred.logits.shape[1])

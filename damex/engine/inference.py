@@ -30,7 +30,11 @@ from damex.engine import distributed as dist_utils
 from damex.engine.ema import unwrap_model
 from damex.engine.expert_parallel import inference_lockstep
 from damex.evaluation.coco_eval import EvalResults, MultiDatasetEvaluator
-from damex.modeling.postprocess import PostProcess, dataset_label_matrix, router_label_mask
+from damex.modeling.postprocess import (
+    PostProcess,
+    dataset_label_matrix,
+    router_masked_detections,
+)
 from damex.modeling.token_selection import foreground_mask, select_tokens
 from damex.moe.stats import RoutingStats
 from damex.structures import Batch, Detections
@@ -332,11 +336,14 @@ class _Sink:
         assert self.main_pp is not None
         if self.router_mask is None:
             return self.main_pp(out.pred, batch.orig_sizes)
-        if not out.routing:
-            raise ValueError("eval.label_mask=router needs a model with MoE layers")
-        masks = router_label_mask(out.routing, *self.router_mask, batch_size=len(batch))
-        pp = PostProcess(num_select=self.main_pp.num_select, restrict_to_dataset_labels=True)
-        return pp(out.pred, batch.orig_sizes, list(masks))
+        experts, labels = self.router_mask
+        return router_masked_detections(
+            out,
+            batch.orig_sizes,
+            num_select=self.main_pp.num_select,
+            expert_of_dataset=experts,
+            dataset_labels=labels,
+        )
 
     def _add_routing(self, batch: Batch, out: Any) -> None:
         if self.stats is None:

@@ -18,7 +18,13 @@ from damex.modeling.outputs import Prediction, TokenKind
 from damex.moe.types import RoutingInfo
 from damex.structures import Detections, denormalize_boxes
 
-__all__ = ["PostProcess", "build_postprocess", "dataset_label_matrix", "router_label_mask"]
+__all__ = [
+    "PostProcess",
+    "build_postprocess",
+    "dataset_label_matrix",
+    "router_label_mask",
+    "router_masked_detections",
+]
 
 
 def dataset_label_matrix(label_space: Any) -> Tensor:
@@ -70,6 +76,24 @@ def router_label_mask(
     chosen = (score == best) & (best > 0)  # [B, D]
     chosen[~chosen.any(dim=1)] = True  # no vote for a mapped expert: every dataset
     return (chosen.float() @ dataset_labels.to(device).float()) > 0  # [B, K]
+
+
+def router_masked_detections(
+    out: Any,
+    batch_orig_sizes: Tensor,
+    *,
+    num_select: int,
+    expert_of_dataset: Tensor,
+    dataset_labels: Tensor,
+) -> list[Detections]:
+    """Top-``num_select`` detections of each image among its router's voted labels
+    (:func:`router_label_mask`); ``out`` is the detector's output (``pred``, ``routing``)."""
+    if not out.routing:
+        raise ValueError("label_mask=router needs a model with MoE layers")
+    bsz = int(out.pred.logits.shape[0])
+    masks = router_label_mask(out.routing, expert_of_dataset, dataset_labels, batch_size=bsz)
+    pp = PostProcess(num_select=num_select, restrict_to_dataset_labels=True)
+    return pp(out.pred, batch_orig_sizes, list(masks))
 
 
 class PostProcess(nn.Module):
