@@ -3,15 +3,18 @@
 ``ms_deform_attn`` is the core: bilinear sampling of every level (``align_corners=False``, zero
 padding) and the attention-weighted sum. Two implementations give the same results:
 
-- ``"sparse"`` (:class:`_SparseDeformAttn`; ``"auto"`` picks it on single-threaded CPU): all
-  levels in one call. The 4 bilinear corners of every sampling point become (row, weight)
-  pairs, with the attention weight folded in and out-of-map corners weighted 0, so the whole
-  attention is one sparse ``[B*Nq*H, B*S*H]`` matrix with ``4 L P`` entries per row, times the
-  values ``[B*S*H, Dh]``: the forward is one CSR x dense product (a gather-and-FMA, no
-  ``[.., 4 L P, Dh]`` gathered tensor), the backward a sampled dense-dense product for the
-  corner dot products (gradients of the attention weights and the sampling locations, by the
-  chain rule through the bilinear weights) and an ``index_add_`` scatter of
-  ``weight * grad_out`` for the values. Without grad (inference) nothing is saved.
+- ``"sparse"`` (:class:`_SparseDeformAttn`; ``"auto"`` picks it on CPU): all levels in one
+  call. Every level's map is copied into a zero-bordered value matrix (one row per padded pixel
+  and head); a sampling point clamped into the border then has its 4 bilinear corners at the
+  rows ``key + (0, H, W' H, W' H + H)``, so the whole attention is one sparse
+  ``[B*Nq*H, rows]`` matrix with ``4 L P`` entries per row (attention x bilinear weight) times
+  the values: the forward is one CSR x dense product (a gather-and-FMA, no ``[.., 4 L P, Dh]``
+  gathered tensor). The backward is a sampled dense-dense product for the corner dot products
+  (the gradients of the attention weights and sampling locations, by the chain rule through
+  the bilinear weights) and, for the values, the transposed product without a scatter: the
+  points are sorted by their top-left row once and the 4 corners become 4 CSR matrices that
+  share that structure. Without grad (inference) nothing is saved. All elementwise work runs on
+  contiguous ``[.., L, P]`` blocks against materialized per-(level, point) constants.
 - ``"grid_sample"`` (the reference): ``F.grid_sample`` per level and plain autograd.
 
 ``MSDeformAttn`` is the module with the standard parameterization (sampling offsets, attention
@@ -46,9 +49,6 @@ def spatial_shapes_list(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> lis
 
 IMPLS = ("auto", "sparse", "grid_sample")
 
-# Corner (row, weight) pairs scattered per chunk in the backward: bounds the [chunk, Dh] buffer.
-_SCATTER_CHUNK_ROWS = 1 << 14
-
 
 def ms_deform_attn(
     value: Tensor,
@@ -70,10 +70,9 @@ def ms_deform_attn(
         sampling_locations: ``[B, Nq, H, L, P, 2]`` normalized ``(x, y)`` in [0, 1].
         attention_weights: ``[B, Nq, H, L, P]`` (already softmaxed over ``L * P``).
         impl: ``"sparse"`` (one sparse product for all levels, hand-written backward),
-            ``"grid_sample"`` (the reference) or ``"auto"``: ``"sparse"`` on CPU with one
-            intra-op thread (measured 1.18-1.29x faster fwd+bwd, 10-23% less peak memory),
-            ``"grid_sample"`` otherwise (with 2 threads on a busy 2-core machine the sparse
-            path's many small parallel ops stalled: 0.14-0.34x; README, Benchmarks).
+            ``"grid_sample"`` (the reference) or ``"auto"``: ``"sparse"`` for float32/float64
+            on CPU (measured 1.9-2.4x faster forward+backward of an encoder layer, and less
+            peak memory; README, Benchmarks), ``"grid_sample"`` otherwise.
 
     Returns:
         ``[B, Nq, H * Dh]`` in ``value``'s dtype.
@@ -95,21 +94,34 @@ def ms_deform_attn(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        single = value.device.type == "cpu" and torch.get_num_threads() == 1
-        # sparse CSR matmul has no bf16/fp16 kernel on CPU (autocast runs use grid_sample)
+        # sparse CSR products have no bf16/fp16 kernel on CPU (autocast runs use grid_sample);
+        # on CUDA the sparse path is untested here, so the reference runs there
         full = value.dtype in (torch.float32, torch.float64)
-        impl = "sparse" if single and full else "grid_sample"
+        impl = "sparse" if value.device.type == "cpu" and full else "grid_sample"
     if impl == "grid_sample":
         return _grid_sample_attn(value, shapes, sampling_locations, attention_weights)
     if value.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"impl='sparse' needs float32 or float64 values, got {value.dtype}")
-    locations = sampling_locations.to(value.dtype)
-    weights = attention_weights.to(value.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (value, locations, weights)):
-        return _SparseDeformAttn.apply(value, locations, weights, tuple(shapes))
-    with torch.no_grad():
-        corners = _bilinear_corners(shapes, locations, weights, num_value)
-        return _sparse_forward(value, corners)
+    locations = sampling_locations.to(value.dtype).contiguous()
+    weights = attention_weights.to(value.dtype).contiguous()
+    value = value.contiguous()
+    # autocast would cast the sparse products to bf16, which has no sparse kernel: the core is
+    # float32 by design (the module passes float32 values and locations)
+    with torch.autocast(value.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (value, locations, weights)):
+            return _SparseDeformAttn.apply(value, locations, weights, tuple(shapes))
+        with torch.no_grad():
+            return _sparse_attn_no_grad(value, shapes, locations, weights)
+
+
+def _sparse_attn_no_grad(
+    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, attn: Tensor
+) -> Tensor:
+    """Inference: the forward product only, nothing kept for a backward."""
+    layout = _layout(shapes, locations)
+    matrix = _sampling_matrix(layout, _samples(layout, locations, attn))
+    bsz, num_query = locations.shape[:2]
+    return (matrix @ _pad_values(value, layout)).view(bsz, num_query, -1)
 
 
 def _grid_sample_attn(
@@ -143,100 +155,202 @@ def _grid_sample_attn(
     return out.view(bsz, num_heads * head_dim, num_query).transpose(1, 2)  # [B, Nq, H*Dh]
 
 
+# Zero border around every level's map in the padded value matrix. With 2 pixels, a sampling
+# point clamped to [-2, size + 1] (pixel units) has all 4 corners inside the padded map, and
+# every corner outside the real map reads a zero value, so no per-corner in-map masks are
+# needed: a point beyond the border samples 0 with gradient 0, exactly as zero padding does.
+_PAD = 2
+
+
 @dataclass
-class _Corners:
-    """The 4 bilinear corners of every sampling point, as rows of ``value.view(B*S*H, Dh)``.
+class _Layout:
+    """Where each level's zero-padded map lives in the padded value matrix, and the per-(level,
+    point) constants the sampling needs (materialized ``[L, P]`` so elementwise ops broadcast
+    over contiguous inner blocks instead of size-2 inner dimensions).
+
+    The padded value matrix has one row per (level, b, y, x, h) of the padded maps, level-major
+    and otherwise in ``value``'s order, so filling it from ``value`` is one strided copy per
+    level; its columns are the head dimension ``Dh``.
 
     Attributes:
-        rows: ``[N, K]`` (``N = B*Nq*H`` output rows, ``K = L*P*4``) value rows; out-of-map
-            corners point at a clamped in-map row and get weight 0.
-        weights: ``[N, K]`` attention weight x bilinear weight (0 outside the map).
-        w_lo, w_hi: ``[B, Nq, H, L, P, 2]`` per-axis ``(x, y)`` bilinear weight of the low /
-            high corner, zero where that corner is outside the map.
-        in_lo, in_hi: ``[B, Nq, H, L, P, 2]`` whether the low / high corner is inside, per axis.
-        sizes: ``[L, 2]`` ``(W_l, H_l)``.
+        shapes: ``(H_l, W_l)`` per level.
+        row_starts: first row of each level; ``num_rows`` rows in all.
+        index_dtype: int32 when every row / entry index fits (MKL's sparse products and the
+            sort run ~2x faster on int32), else int64.
+        half, size, upper, low_max: ``[2, L, P]`` (x, y): ``size / 2``, ``size``, the clamp
+            bound ``size + 1`` and the largest top-left corner ``size`` (padded pixel units are
+            offset by ``_PAD`` in ``key_offset``).
+        row_stride: ``[L, P]`` rows per padded map row (``(W_l + 2 PAD) H``), float.
+        key_offset: ``[B, 1, H, L, P]`` row of padded pixel (0, 0) for (b, h, l) (index dtype).
+        corner_offset: ``[4, L, P]`` row offsets of the 4 corners from the top-left one.
     """
 
-    rows: Tensor
-    weights: Tensor
-    w_lo: Tensor
-    w_hi: Tensor
-    in_lo: Tensor
-    in_hi: Tensor
-    sizes: Tensor
+    shapes: list[tuple[int, int]]
+    heads: int
+    row_starts: list[int]
+    num_rows: int
+    index_dtype: torch.dtype
+    half: Tensor
+    size: Tensor
+    upper: Tensor
+    low_max: Tensor
+    row_stride: Tensor
+    key_offset: Tensor
+    corner_offset: Tensor
 
 
-def _bilinear_corners(
-    shapes: Sequence[tuple[int, int]], locations: Tensor, attn: Tensor, num_value: int
-) -> _Corners:
-    bsz, num_query, num_heads, num_levels, num_points, _ = locations.shape
+def _layout(shapes: Sequence[tuple[int, int]], locations: Tensor) -> _Layout:
+    bsz, num_query, heads, levels, points, _ = locations.shape
     device, dtype = locations.device, locations.dtype
-    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device)  # [L, 2]
-    # align_corners=False: pixel centres at integer coordinates of loc * size - 0.5, computed
-    # with the rounding of grid_sample's CPU kernel (grid = 2 loc - 1, (grid + 1) (size / 2) -
-    # 0.5) so that points on a pixel centre (where bilinear has a kink) take the same
-    # one-sided gradient as the reference
-    grid = 2 * locations - 1
-    pix = (grid + 1) * (sizes[:, None, :] / 2) - 0.5  # [B, Nq, H, L, P, 2]
-    low_f = pix.floor()
-    frac = pix - low_f
-    index_dtype = torch.int64  # index_add_ is ~2x slower with int32 indices on CPU
-    low = low_f.to(index_dtype)
-    size_i = sizes.to(index_dtype)[:, None, :]  # [L, 1, 2]
-    inside_lo = (low >= 0) & (low < size_i)
-    inside_hi = (low >= -1) & (low < size_i - 1)
-    w_lo = (1 - frac) * inside_lo
-    w_hi = frac * inside_hi
-    # clamped corners (their weight is 0 when outside): always a valid row
-    c_lo = torch.minimum(low.clamp_min(0), size_i - 1)
-    c_hi = torch.minimum((low + 1).clamp_min(0), size_i - 1)
-    starts = [0]
-    for h, w in shapes[:-1]:
-        starts.append(starts[-1] + h * w)
-    start = torch.tensor(starts, dtype=index_dtype, device=device)[:, None]  # [L, 1]
-    width = size_i[..., 0]  # [L, 1]
-    # row of value.view(B*S*H, Dh) for (b, s, h): (b*S + s) * H + h
-    offset = torch.arange(bsz, dtype=index_dtype, device=device) * (num_value * num_heads)
-    offset = offset.view(bsz, 1, 1, 1, 1) + torch.arange(
-        num_heads, dtype=index_dtype, device=device
-    ).view(1, 1, num_heads, 1, 1)
-    y_lo = (start + c_lo[..., 1] * width) * num_heads + offset  # [B, Nq, H, L, P]
-    y_hi = (start + c_hi[..., 1] * width) * num_heads + offset
-    x_lo, x_hi = c_lo[..., 0] * num_heads, c_hi[..., 0] * num_heads
-    rows = torch.stack([y_lo + x_lo, y_lo + x_hi, y_hi + x_lo, y_hi + x_hi], -1)
-    ay_lo, ay_hi = attn * w_lo[..., 1], attn * w_hi[..., 1]
-    wx_lo, wx_hi = w_lo[..., 0], w_hi[..., 0]
-    weights = torch.stack([wx_lo * ay_lo, wx_hi * ay_lo, wx_lo * ay_hi, wx_hi * ay_hi], -1)
-    num_rows = bsz * num_query * num_heads
-    return _Corners(
-        rows=rows.view(num_rows, -1),
-        weights=weights.view(num_rows, -1),
-        w_lo=w_lo,
-        w_hi=w_hi,
-        in_lo=inside_lo,
-        in_hi=inside_hi,
-        sizes=sizes,
+    padded = [(h + 2 * _PAD, w + 2 * _PAD) for h, w in shapes]
+    level_rows = [bsz * hp * wp * heads for hp, wp in padded]
+    row_starts = [0]
+    for n in level_rows[:-1]:
+        row_starts.append(row_starts[-1] + n)
+    num_rows = sum(level_rows)
+    num_entries = bsz * num_query * heads * 4 * levels * points
+    small = max(num_rows, num_entries) < 2**31 - 1
+    index_dtype = torch.int32 if small else torch.int64
+
+    def per_point(x: Tensor) -> Tensor:  # [..., L] -> [..., L, P]
+        return x[..., None].expand(*x.shape, points).contiguous()
+
+    widths, heights = [w for _, w in shapes], [h for h, _ in shapes]
+    size = torch.tensor([widths, heights], dtype=dtype, device=device)  # [2, L] (x, y)
+    wp = torch.tensor([w for _, w in padded], dtype=torch.int64, device=device)
+    hp = torch.tensor([h for h, _ in padded], dtype=torch.int64, device=device)
+    starts = torch.tensor(row_starts, dtype=torch.int64, device=device)
+    b = torch.arange(bsz, dtype=torch.int64, device=device).view(bsz, 1, 1)
+    h = torch.arange(heads, dtype=torch.int64, device=device).view(1, heads, 1)
+    # row of padded pixel (y, x) = start_l + ((b hp + y) wp + x) H + h, with y, x counted from
+    # the padded map's top-left: the real map's (0, 0) is padded (PAD, PAD)
+    offset = starts + b * (hp * wp * heads) + (_PAD * wp + _PAD) * heads + h  # [B, H, L]
+    # [4, L]: corners (y, x) = (0, 0), (0, 1), (1, 0), (1, 1)
+    corners = torch.stack([wp * 0, wp * 0 + heads, wp * heads, (wp + 1) * heads])
+    return _Layout(
+        shapes=list(shapes),
+        heads=heads,
+        row_starts=row_starts,
+        num_rows=num_rows,
+        index_dtype=index_dtype,
+        half=per_point(size / 2),
+        size=per_point(size),
+        upper=per_point(size + (_PAD - 1)),
+        low_max=per_point(size + (_PAD - 2)),
+        row_stride=per_point((wp * heads).to(dtype)),
+        key_offset=per_point(offset)[:, None].to(index_dtype),
+        corner_offset=per_point(corners).to(index_dtype),
     )
 
 
-def _pattern(corners: _Corners, values: Tensor, num_cols: int) -> Tensor:
-    """The ``[N, num_cols]`` CSR matrix with ``K`` entries per row at ``corners.rows``."""
-    num_rows, k = corners.rows.shape
-    rows = corners.rows
-    crow = torch.arange(0, num_rows * k + 1, k, dtype=rows.dtype, device=rows.device)
+def _pad_values(value: Tensor, layout: _Layout) -> Tensor:
+    """``[B, S, H, Dh]`` -> the zero-padded value matrix ``[num_rows, Dh]``."""
+    bsz, _, heads, head_dim = value.shape
+    padded = value.new_zeros(layout.num_rows, head_dim)
+    first = 0
+    for (h, w), start in zip(layout.shapes, layout.row_starts):
+        hp, wp = h + 2 * _PAD, w + 2 * _PAD
+        level = padded[start : start + bsz * hp * wp * heads].view(bsz, hp, wp, heads, head_dim)
+        level[:, _PAD : _PAD + h, _PAD : _PAD + w] = value[:, first : first + h * w].view(
+            bsz, h, w, heads, head_dim
+        )
+        first += h * w
+    return padded
+
+
+@dataclass
+class _Samples:
+    """The sampling points of one call.
+
+    Attributes:
+        key: ``[B, Nq, H, L, P]`` padded-matrix row of each point's top-left corner.
+        weights: ``[B, Nq, H, 4, L, P]`` attention weight x bilinear weight per corner, corners
+            ordered (y, x) = (0, 0), (0, 1), (1, 0), (1, 1).
+        frac_x, frac_y: ``[B, Nq, H, L, P]`` bilinear weight of the right / bottom corners.
+    """
+
+    key: Tensor
+    weights: Tensor
+    frac_x: Tensor
+    frac_y: Tensor
+
+
+def _samples(layout: _Layout, locations: Tensor, attn: Tensor) -> _Samples:
+    pix = []
+    for axis in (0, 1):
+        # align_corners=False: pixel centres at integer coordinates of loc * size - 0.5, computed
+        # with the rounding of grid_sample's CPU kernel (grid = 2 loc - 1, (grid + 1) (size / 2)
+        # - 0.5) so that points on a pixel centre (where bilinear has a kink) take the same
+        # one-sided gradient as the reference
+        p = locations[..., axis] * 2
+        p = p.sub_(1).add_(1).mul_(layout.half[axis]).sub_(0.5)
+        # NaN would become an arbitrary index: send it (and anything beyond the border) to the
+        # zero border
+        p = torch.minimum(p.nan_to_num_(nan=-_PAD).clamp_min_(-_PAD), layout.upper[axis])
+        pix.append(p)
+    px, py = pix
+    x0 = torch.minimum(px.floor(), layout.low_max[0])
+    y0 = torch.minimum(py.floor(), layout.low_max[1])
+    frac_x, frac_y = px.sub_(x0), py.sub_(y0)
+    # exact in floating point: a row within one padded level is far below 2**24
+    key = torch.addcmul(x0.mul_(layout.heads), y0, layout.row_stride)
+    key = key.to(layout.index_dtype).add_(layout.key_offset)
+    top = (1 - frac_y).mul_(attn)
+    bottom = frac_y * attn
+    left = 1 - frac_x
+    weights = attn.new_empty(*attn.shape[:3], 4, *attn.shape[3:])
+    torch.mul(top, left, out=weights[:, :, :, 0])
+    torch.mul(top, frac_x, out=weights[:, :, :, 1])
+    torch.mul(bottom, left, out=weights[:, :, :, 2])
+    torch.mul(bottom, frac_x, out=weights[:, :, :, 3])
+    return _Samples(key=key, weights=weights, frac_x=frac_x, frac_y=frac_y)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used are tested
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(
-            crow, rows.reshape(-1), values.reshape(-1), size=(num_rows, num_cols),
-            check_invariants=False,
-        )  # fmt: skip
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
-def _sparse_forward(value: Tensor, corners: _Corners) -> Tensor:
-    bsz, num_value, num_heads, head_dim = value.shape
-    flat = value.reshape(-1, head_dim)  # [B*S*H, Dh]
-    out = _pattern(corners, corners.weights, flat.shape[0]) @ flat  # [B*Nq*H, Dh]
-    return out.view(bsz, -1, num_heads * head_dim)  # [B, Nq, H*Dh]
+def _sampling_matrix(layout: _Layout, s: _Samples) -> Tensor:
+    """The ``[B*Nq*H, num_rows]`` CSR matrix: one row per output row, ``4 L P`` entries."""
+    cols = s.key[:, :, :, None] + layout.corner_offset  # [B, Nq, H, 4, L, P]
+    num_out = s.key[..., 0, 0].numel()
+    per_row = cols[0, 0, 0].numel()
+    crow = torch.arange(
+        0, num_out * per_row + 1, per_row, dtype=layout.index_dtype, device=cols.device
+    )
+    return _csr(crow, cols.view(-1), s.weights.view(-1), (num_out, layout.num_rows))
+
+
+def _value_grad(layout: _Layout, s: _Samples, grad_out: Tensor, value_shape: torch.Size) -> Tensor:
+    """``A^T @ grad_out`` without a scatter: sort the points by their top-left row once; the 4
+    corners then give 4 CSR matrices with that one structure (corner c's rows are the top-left
+    rows shifted by a per-level constant), each a gather-and-FMA product, shifted back per level.
+    """
+    bsz, _, heads, head_dim = value_shape
+    num_out = grad_out.shape[0]
+    key = s.key.reshape(-1)
+    _, order = torch.sort(key)
+    counts = torch.bincount(key, minlength=layout.num_rows)
+    crow = torch.zeros(layout.num_rows + 1, dtype=layout.index_dtype, device=key.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    points_per_row = s.key[0, 0, 0].numel()  # L * P
+    col = torch.div(order, points_per_row, rounding_mode="floor").to(layout.index_dtype)
+    per_corner = s.weights.view(num_out, 4, points_per_row).transpose(0, 1).reshape(4, -1)
+    per_corner = torch.index_select(per_corner, 1, order)  # [4, points] in sorted order
+    size = (layout.num_rows, num_out)
+    grads = [_csr(crow, col, per_corner[c], size) @ grad_out for c in range(4)]
+    parts = []
+    for (h, w), start in zip(layout.shapes, layout.row_starts):
+        hp, wp = h + 2 * _PAD, w + 2 * _PAD
+        end = start + bsz * hp * wp * heads
+        level = grads[0][start:end].clone()
+        for c, shift in enumerate((heads, wp * heads, (wp + 1) * heads), start=1):
+            level[shift:] += grads[c][start : end - shift]
+        level = level.view(bsz, hp, wp, heads, head_dim)[:, _PAD : _PAD + h, _PAD : _PAD + w]
+        parts.append(level.reshape(bsz, h * w, heads, head_dim))
+    return torch.cat(parts, 1)
 
 
 class _SparseDeformAttn(torch.autograd.Function):
@@ -250,54 +364,54 @@ class _SparseDeformAttn(torch.autograd.Function):
         attn: Tensor,  # [B, Nq, H, L, P]
         shapes: tuple[tuple[int, int], ...],
     ) -> Tensor:
-        corners = _bilinear_corners(shapes, locations, attn, value.shape[1])
-        ctx.save_for_backward(value, attn)
-        ctx.corners = corners
-        ctx.loc_shape = locations.shape
-        return _sparse_forward(value, corners)
+        layout = _layout(shapes, locations)
+        padded = _pad_values(value, layout)
+        samples = _samples(layout, locations, attn)
+        matrix = _sampling_matrix(layout, samples)
+        ctx.save_for_backward(padded, attn)
+        ctx.layout, ctx.samples, ctx.matrix = layout, samples, matrix
+        ctx.value_shape = value.shape
+        bsz, num_query = locations.shape[:2]
+        return (matrix @ padded).view(bsz, num_query, -1)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
     ) -> tuple[Tensor | None, ...]:
-        value, attn = ctx.saved_tensors
-        c: _Corners = ctx.corners
-        bsz, num_value, num_heads, head_dim = value.shape
-        flat = value.reshape(-1, head_dim)  # [B*S*H, Dh]
-        go = grad_out.reshape(-1, head_dim).contiguous()  # [N, Dh]
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _SparseDeformAttn._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        padded, attn = ctx.saved_tensors
+        layout: _Layout = ctx.layout
+        s: _Samples = ctx.samples
+        head_dim = padded.shape[1]
+        go = grad_out.reshape(-1, head_dim).contiguous()  # [B*Nq*H, Dh]
         need_value, need_loc, need_attn = ctx.needs_input_grad[:3]
         grad_value = grad_loc = grad_attn = None
         if need_loc or need_attn:
-            # dots[n, k] = <grad_out[n], value[rows[n, k]]>: the sampled product go @ value^T
-            pattern = _pattern(c, c.weights, flat.shape[0])
-            dots = torch.sparse.sampled_addmm(pattern, go, flat.t(), beta=0.0).values()
-            d00, d01, d10, d11 = dots.view(*ctx.loc_shape[:-1], 4).unbind(-1)  # (y, x) corners
-            wx_lo, wy_lo = c.w_lo.unbind(-1)
-            wx_hi, wy_hi = c.w_hi.unbind(-1)
-            # corner (i, j) has bilinear weight wy_i * wx_j
-            dx_lo = d00 * wy_lo + d10 * wy_hi
-            dx_hi = d01 * wy_lo + d11 * wy_hi
+            # dots[n, c, l, p] = <grad_out[n], value at corner c>: the sampled product go @ V^T
+            dots = torch.sparse.sampled_addmm(ctx.matrix, go, padded.t(), beta=0.0).values()
+            d00, d01, d10, d11 = dots.view(s.weights.shape).unbind(3)
+            left, top = 1 - s.frac_x, 1 - s.frac_y
+            upper = torch.addcmul(d00 * left, d01, s.frac_x)  # sample of the top row / attn
+            lower = torch.addcmul(d10 * left, d11, s.frac_x)
             if need_attn:
-                grad_attn = dx_lo * wx_lo + dx_hi * wx_hi
+                grad_attn = torch.addcmul(upper * top, lower, s.frac_y)
             if need_loc:
-                dy_lo = d00 * wx_lo + d01 * wx_hi
-                dy_hi = d10 * wx_lo + d11 * wx_hi
-                # d w / d pixel: -1 at the low corner, +1 at the high one (when inside)
-                grad_pix = (
-                    torch.stack([dx_hi, dy_hi], -1) * c.in_hi
-                    - torch.stack([dx_lo, dy_lo], -1) * c.in_lo
-                )
-                grad_loc = grad_pix * (attn[..., None] * c.sizes[:, None, :])
+                # d sample / d pixel: right minus left column (x), bottom minus top row (y);
+                # d pixel / d loc = size
+                col0 = torch.addcmul(d00 * top, d10, s.frac_y)
+                col1 = torch.addcmul(d01 * top, d11, s.frac_y)
+                grad_loc = torch.stack(
+                    [(col1 - col0).mul_(layout.size[0]), (lower - upper).mul_(layout.size[1])],
+                    -1,
+                ).mul_(attn[..., None])
         if need_value:
-            grad_value = torch.zeros_like(flat)
-            rows, weights = c.rows, c.weights
-            k = rows.shape[1]
-            step = max(1, _SCATTER_CHUNK_ROWS // k)
-            for s in range(0, rows.shape[0], step):
-                src = go[s : s + step, None, :].expand(-1, k, -1).contiguous()  # [n, K, Dh]
-                src.mul_(weights[s : s + step, :, None])
-                grad_value.index_add_(0, rows[s : s + step].reshape(-1), src.view(-1, head_dim))
-            grad_value = grad_value.view_as(value)
+            grad_value = _value_grad(layout, s, go, ctx.value_shape)
         return grad_value, grad_loc, grad_attn, None
 
 

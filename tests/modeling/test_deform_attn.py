@@ -147,21 +147,54 @@ def test_sparse_without_grad_equals_with_grad():
     torch.testing.assert_close(fast, graph.detach(), atol=0, rtol=0)
 
 
-def test_auto_picks_by_thread_count_and_rejects_unknown_impl():
+def test_auto_picks_sparse_on_cpu_and_rejects_unknown_impl():
     value, loc, w = _random_inputs(3)
     prev = torch.get_num_threads()
     try:
-        for threads, impl in ((1, "sparse"), (2, "grid_sample")):
+        for threads in (1, 2):  # the choice does not depend on the thread count
             torch.set_num_threads(threads)
             auto = ms_deform_attn(value, SHAPES, None, loc, w)
-            chosen = ms_deform_attn(value, SHAPES, None, loc, w, impl=impl)
+            chosen = ms_deform_attn(value, SHAPES, None, loc, w, impl="sparse")
             torch.testing.assert_close(auto, chosen, atol=0, rtol=0)
     finally:
         torch.set_num_threads(prev)
+    # no sparse kernel for bf16 on CPU: the reference runs (and sparse refuses it)
+    half = [t.to(torch.bfloat16) for t in (value, loc, w)]
+    auto = ms_deform_attn(half[0], SHAPES, None, half[1], half[2])
+    chosen = ms_deform_attn(half[0], SHAPES, None, half[1], half[2], impl="grid_sample")
+    torch.testing.assert_close(auto, chosen, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ms_deform_attn(half[0], SHAPES, None, half[1], half[2], impl="sparse")
     with pytest.raises(ValueError, match="impl"):
         ms_deform_attn(value, SHAPES, None, loc, w, impl="cuda_kernel")
     with pytest.raises(ValueError, match="impl"):
         MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1, impl="fast")
+
+
+def test_sparse_survives_non_finite_locations():
+    """A diverging run can produce NaN / inf sampling locations: they must neither index
+    outside the value matrix nor poison the other points (grid_sample samples them as 0)."""
+    value, loc, w = _random_inputs(4)
+    loc = loc.clone()
+    loc[0, 0, 0, 0, 0] = float("nan")
+    loc[0, 1, 1, 1, 1, 0] = float("inf")
+    loc[1, 2, 0, 2, 0, 1] = -float("inf")
+    out = ms_deform_attn(value, SHAPES, None, loc, w, impl="sparse")
+    keep = torch.ones(loc.shape[:-1], dtype=torch.bool)
+    keep[0, 0, 0, 0, 0] = keep[0, 1, 1, 1, 1] = keep[1, 2, 0, 2, 0] = False
+    expected = ms_deform_attn(value, SHAPES, None, loc.nan_to_num(0.5), w * keep, impl="sparse")
+    torch.testing.assert_close(out, expected)
+
+
+def test_sparse_batch_rows_are_independent():
+    """Each image's output depends on its own values only (the padded matrix keeps images
+    apart: a corner never reads a neighbouring image's or level's row)."""
+    value, loc, w = _random_inputs(5)
+    loc = loc * 1.6 - 0.3  # many points beyond the border
+    full = ms_deform_attn(value, SHAPES, None, loc, w, impl="sparse")
+    for b in range(value.shape[0]):
+        alone = ms_deform_attn(value[b : b + 1], SHAPES, None, loc[b : b + 1], w[b : b + 1])
+        torch.testing.assert_close(full[b : b + 1], alone, atol=1e-12, rtol=0)
 
 
 def test_rejects_inconsistent_shapes():
@@ -228,3 +261,20 @@ def test_init_offsets_form_directional_grid():
     torch.testing.assert_close(bias[1, 1, 0], torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0)
     assert attn.attention_weights.weight.abs().sum() == 0
     assert attn.sampling_offsets.weight.abs().sum() == 0
+
+
+def test_sparse_core_ignores_autocast():
+    """Under bf16 autocast the module passes float32 values; the sparse products (which have
+    no bf16 kernel) must run in float32 in the forward and in a backward called inside autocast."""
+    value, loc, w = (t.float() for t in _random_inputs(6))
+    plain = [t.clone().requires_grad_(True) for t in (value, loc, w)]
+    cast = [t.clone().requires_grad_(True) for t in (value, loc, w)]
+    ref = ms_deform_attn(plain[0], SHAPES, None, plain[1], plain[2], impl="sparse")
+    ref.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ms_deform_attn(cast[0], SHAPES, None, cast[1], cast[2], impl="sparse")
+        out.sum().backward()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    for a, b in zip(cast, plain):
+        torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
