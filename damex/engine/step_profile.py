@@ -41,6 +41,7 @@ from damex.data.loader import build_train_loader
 from damex.engine.distributed import init_distributed
 from damex.engine.optim import build_optimizer
 from damex.engine.run_data import build_model_parts, build_run_data
+from damex.errors import ConfigError
 from damex.modeling.deform_attn import MSDeformAttn
 from damex.modeling.transformer import MoEBlock
 
@@ -211,6 +212,7 @@ class _Runner:
             cfg, data.catalog, data.label_space, data.expert_of_dataset
         )
         num_classes = data.label_space.num_classes
+        self.label_names = tuple(data.label_space.names)
         model, criterion, _ = build_model_parts(cfg, num_classes)  # as the trainer builds them
         self.model = model.to(self.device)
         self.criterion = criterion.to(self.device)
@@ -228,11 +230,16 @@ class _Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def step(self) -> tuple[dict[str, float], float]:
-        """One training step: (exclusive seconds per section, total seconds)."""
+    def next_batch(self) -> Any:
+        return next(self.batches)
+
+    def step(self, batch: Any = None) -> tuple[dict[str, float], float, Any]:
+        """One training step on ``batch`` (default: this config's next one): (exclusive
+        seconds per section, total seconds, the batch as loaded)."""
         self._sync()
         t0 = time.perf_counter()
-        batch = next(self.batches).to(self.device)
+        loaded = self.next_batch() if batch is None else batch
+        batch = loaded.to(self.device)
         self._sync()
         t1 = time.perf_counter()
         losses = self.criterion(self.model(batch), batch)
@@ -256,7 +263,7 @@ class _Runner:
             v for k, v in sections.items() if k not in ("data", "backward", "optimizer")
         )
         self.image = "x".join(str(s) for s in batch.images.shape[-2:])
-        return sections, t4 - t0
+        return sections, t4 - t0, loaded
 
     def close(self) -> None:
         self.timer.remove()
@@ -275,6 +282,7 @@ def profile_training_steps(
     steps: int = 5,
     warmup: int = 2,
     image_size: int | None = None,
+    same_batches: bool = False,
 ) -> list[StepProfile]:
     """Profile ``warmup + steps`` real training iterations of each config, interleaved.
 
@@ -287,12 +295,23 @@ def profile_training_steps(
         warmup: untimed steps first.
         image_size: if set, train at this short side only (``data.scales=[S]``, long side
             ``max_size = round(S * 1333 / 800)``, no crop).
+        same_batches: every config steps on the first config's batches (the same images and
+            sizes), so that the per-step times compare the models alone; the configs must
+            share their label space. Otherwise each config draws from its own loader, whose
+            random scales differ between configs.
 
     Returns:
         One :class:`StepProfile` per config, in order.
     """
     extra = _image_overrides(image_size)
     runners = [_Runner(path, [*over, *extra]) for _, path, over in configs]
+    if same_batches:
+        for (label, _, _), r in zip(configs[1:], runners[1:]):
+            if r.label_names != runners[0].label_names:
+                raise ConfigError(
+                    f"same_batches: {label} has another label space than {configs[0][0]} "
+                    f"({len(r.label_names)} vs {len(runners[0].label_names)} classes)"
+                )
     per_step: list[list[dict[str, float]]] = [[] for _ in runners]
     totals: list[list[float]] = [[] for _ in runners]
     for r in runners:
@@ -300,8 +319,11 @@ def profile_training_steps(
             torch.cuda.reset_peak_memory_stats(r.device)
     try:
         for i in range(warmup + steps):
+            batch = None
             for j, r in enumerate(runners):
-                sections, total = r.step()
+                sections, total, loaded = r.step(batch)
+                if same_batches:
+                    batch = loaded
                 if i >= warmup:
                     per_step[j].append(sections)
                     totals[j].append(total)
@@ -419,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ops", type=int, default=0, help="also print the top N ops (profiler)")
+    parser.add_argument(
+        "--same-batches",
+        action="store_true",
+        help="step every config on the first config's batches (compare the models alone; "
+        "the configs must share their label space)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every config")
     args = parser.parse_args(argv)
     configs: list[tuple[str, str | None, list[str]]] = []
@@ -430,7 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             label += " (" + " ".join(words[1:]) + ")"
         configs.append((label, path, [*words[1:], *args.overrides]))
     profiles = profile_training_steps(
-        configs, steps=args.steps, warmup=args.warmup, image_size=args.image_size
+        configs,
+        steps=args.steps,
+        warmup=args.warmup,
+        image_size=args.image_size,
+        same_batches=args.same_batches,
     )
     print(format_profiles(profiles))  # CLI output
     if args.ops:
