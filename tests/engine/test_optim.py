@@ -95,6 +95,41 @@ def test_build_optimizer_uses_config() -> None:
     assert lrs == {"default": 2e-4, "backbone": 2e-5, "linear_proj": 2e-4}
 
 
+def test_build_optimizer_is_fused_and_steps_like_plain_adamw() -> None:
+    """The fused kernel applies AdamW's update rule: three steps equal the for-loop AdamW
+    (decoupled weight decay, bias correction, per-group lr) on every parameter and moment."""
+    cfg = TrainConfig(lr=1e-2, lr_backbone=1e-3, weight_decay=0.1)
+    torch.manual_seed(0)
+    fused_model, plain_model = _Tiny(), _Tiny()
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, cfg)
+    assert all(g["fused"] for g in fused.param_groups)
+    plain_params = dict(plain_model.named_parameters())
+    groups = []
+    for g in fused.param_groups:
+        hyper = {k: v for k, v in g.items() if k not in ("params", "fused")}
+        groups.append(
+            {**hyper, "params": [plain_params[n] for n in sorted(_names(fused_model, g))]}
+        )
+    plain = torch.optim.AdamW(groups, foreach=False)
+
+    def loss(model: nn.Module, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(step)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return sum((p * torch.randn(p.shape, generator=gen)).sin().sum() for p in trainable)
+
+    for step in range(3):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            loss(model, step).backward()
+            opt.step()
+    for name, a in fused_model.named_parameters():
+        b = plain_params[name]
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+        if a.requires_grad:
+            torch.testing.assert_close(fused.state[a]["exp_avg_sq"], plain.state[b]["exp_avg_sq"])
+
+
 def _opt(lr: float = 1.0) -> torch.optim.Optimizer:
     p = nn.Parameter(torch.zeros(1))
     q = nn.Parameter(torch.zeros(1))
