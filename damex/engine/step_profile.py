@@ -233,13 +233,12 @@ class _Runner:
     def next_batch(self) -> Any:
         return next(self.batches)
 
-    def step(self, batch: Any = None) -> tuple[dict[str, float], float, Any]:
+    def step(self, batch: Any = None) -> tuple[dict[str, float], float]:
         """One training step on ``batch`` (default: this config's next one): (exclusive
-        seconds per section, total seconds, the batch as loaded)."""
+        seconds per section, total seconds)."""
         self._sync()
         t0 = time.perf_counter()
-        loaded = self.next_batch() if batch is None else batch
-        batch = loaded.to(self.device)
+        batch = (self.next_batch() if batch is None else batch).to(self.device)
         self._sync()
         t1 = time.perf_counter()
         losses = self.criterion(self.model(batch), batch)
@@ -263,7 +262,7 @@ class _Runner:
             v for k, v in sections.items() if k not in ("data", "backward", "optimizer")
         )
         self.image = "x".join(str(s) for s in batch.images.shape[-2:])
-        return sections, t4 - t0, loaded
+        return sections, t4 - t0
 
     def close(self) -> None:
         self.timer.remove()
@@ -296,9 +295,10 @@ def profile_training_steps(
         image_size: if set, train at this short side only (``data.scales=[S]``, long side
             ``max_size = round(S * 1333 / 800)``, no crop).
         same_batches: every config steps on the first config's batches (the same images and
-            sizes), so that the per-step times compare the models alone; the configs must
-            share their label space. Otherwise each config draws from its own loader, whose
-            random scales differ between configs.
+            sizes, all drawn before the first timed step, so ``data`` is ~0), so that the
+            per-step times compare the models alone; the configs must share their label space.
+            Otherwise each config draws from its own loader, whose random scales differ
+            between configs.
 
     Returns:
         One :class:`StepProfile` per config, in order.
@@ -318,12 +318,12 @@ def profile_training_steps(
         if r.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(r.device)
     try:
+        # shared batches are drawn before any step is timed: the loader's worker process
+        # prefetches while the consumer runs, which would slow whichever config drew them
+        shared = [runners[0].next_batch() for _ in range(warmup + steps)] if same_batches else []
         for i in range(warmup + steps):
-            batch = None
             for j, r in enumerate(runners):
-                sections, total, loaded = r.step(batch)
-                if same_batches:
-                    batch = loaded
+                sections, total = r.step(shared[i] if same_batches else None)
                 if i >= warmup:
                     per_step[j].append(sections)
                     totals[j].append(total)

@@ -72,7 +72,8 @@ def ms_deform_attn(
         impl: ``"sparse"`` (one sparse product for all levels, hand-written backward),
             ``"grid_sample"`` (the reference) or ``"auto"``: ``"sparse"`` for float32/float64
             on CPU (measured 1.9-2.4x faster forward+backward of an encoder layer, and less
-            peak memory; README, Benchmarks), ``"grid_sample"`` otherwise.
+            peak memory; README, Benchmarks), ``"grid_sample"`` otherwise (CUDA, bf16, and
+            under ``torch.compile``, which cannot trace sparse tensors).
 
     Returns:
         ``[B, Nq, H * Dh]`` in ``value``'s dtype.
@@ -96,8 +97,10 @@ def ms_deform_attn(
     if impl == "auto":
         # sparse CSR products have no bf16/fp16 kernel on CPU (autocast runs use grid_sample);
         # on CUDA the sparse path is untested here, so the reference runs there
+        # inductor cannot trace sparse CSR tensors: torch.compile traces the reference
         full = value.dtype in (torch.float32, torch.float64)
-        impl = "sparse" if value.device.type == "cpu" and full else "grid_sample"
+        tracing = torch.compiler.is_compiling()
+        impl = "sparse" if value.device.type == "cpu" and full and not tracing else "grid_sample"
     if impl == "grid_sample":
         return _grid_sample_attn(value, shapes, sampling_locations, attention_weights)
     if value.dtype not in (torch.float32, torch.float64):

@@ -343,7 +343,13 @@ def expert_ffn(
         macs = x.shape[0] * hidden * x.shape[1]
         rows_per_expert = x.shape[0] / max(1, sum(c > 0 for c in counts))
         threaded = macs >= _THREAD_MIN_MACS and rows_per_expert <= _THREAD_MAX_ROWS_PER_EXPERT
-    threaded = bool(threaded) and x.device.type == "cpu" and torch.get_num_threads() > 1
+    # a worker pool and a process-wide thread count cannot be traced (torch.compile)
+    threaded = (
+        bool(threaded)
+        and x.device.type == "cpu"
+        and torch.get_num_threads() > 1
+        and not torch.compiler.is_compiling()
+    )
     drop_mask, drop_scale = None, 1.0
     if training and dropout > 0.0:
         # Drawn here, on the calling thread, so that results do not depend on thread timing.

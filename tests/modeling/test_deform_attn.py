@@ -278,3 +278,14 @@ def test_sparse_core_ignores_autocast():
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     for a, b in zip(cast, plain):
         torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+
+
+def test_auto_traces_the_reference_under_torch_compile(monkeypatch):
+    """Inductor cannot trace sparse CSR tensors: while compiling, ``auto`` is grid_sample."""
+    value, loc, w = (t.float() for t in _random_inputs(7))
+    sparse = ms_deform_attn(value, SHAPES, None, loc, w, impl="sparse")
+    reference = ms_deform_attn(value, SHAPES, None, loc, w, impl="grid_sample")
+    assert not torch.equal(sparse, reference)  # float32 rounding tells them apart
+    assert torch.equal(ms_deform_attn(value, SHAPES, None, loc, w), sparse)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(ms_deform_attn(value, SHAPES, None, loc, w), reference)
