@@ -180,6 +180,9 @@ class BackboneConfig:
     frozen_stages: int = 1  # stem + layer1 frozen (DINO)
     frozen_bn: bool = True
     return_strides: list[int] = field(default_factory=lambda: [8, 16, 32])
+    # NHWC convolutions (torchvision ResNets): a 1.06x (default job) / 1.12x (R50-4scale,
+    # 512 px) faster training step on CPU, same values (README, Benchmarks)
+    channels_last: bool = True
 
 
 @dataclass(frozen=True)

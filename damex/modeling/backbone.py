@@ -192,6 +192,9 @@ class Backbone(nn.Module):
             classifier (``fc.*``) is ignored, any other missing/unexpected key or shape mismatch
             is an error naming the file.
         mask_padding: re-zero padded locations after every normalization (see module doc).
+        channels_last: run the torchvision ResNet in NHWC memory layout (weights and input
+            converted; same values). The maps it returns are NHWC too, which flattening to
+            tokens reads without a copy.
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class Backbone(nn.Module):
         frozen_bn: bool = True,
         weights: str | None = None,
         mask_padding: bool = True,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         strides = [int(s) for s in return_strides]
@@ -213,6 +217,7 @@ class Backbone(nn.Module):
         self.name = name
         self.mask_padding = mask_padding
         self.strides = strides
+        self.channels_last = channels_last
         if name.startswith("timm:"):
             self._is_timm = True
             self._build_timm(name[len("timm:") :], strides, frozen_stages, frozen_bn, weights)
@@ -236,6 +241,8 @@ class Backbone(nn.Module):
         num_stages = _STAGE_STRIDES.index(strides[-1]) + 1
         for idx in range(num_stages, 4):  # stages after the last returned one are not needed
             delattr(body, f"layer{idx + 1}")
+        if channels_last:
+            body = body.to(memory_format=torch.channels_last)
         self.body = body
         self.num_stages = num_stages
         self.channels = [_RESNET_CHANNELS[name][_STAGE_STRIDES.index(s)] for s in strides]
@@ -325,6 +332,8 @@ class Backbone(nn.Module):
         """
         if self._is_timm:
             return list(self.body(images))
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         ctx = None
         if self.mask_padding and mask is not None and bool(mask.any()):
             ctx = _MaskContext(valid_sizes_from_mask(mask))

@@ -124,6 +124,7 @@ def _build_backbone(m: ModelConfig) -> Backbone:
             frozen_stages=bcfg.frozen_stages,
             frozen_bn=bcfg.frozen_bn,
             weights=bcfg.weights,
+            channels_last=bcfg.channels_last,
         )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise ConfigError(f"model.backbone: {exc}") from exc

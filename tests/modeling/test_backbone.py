@@ -152,3 +152,34 @@ def _check_padding_invariance(bb, neck, h, w):
         assert (~pm[0]).sum().item() == h * w  # valid extent equals the unpadded map
         torch.testing.assert_close(p[0, :, :h, :w], a[0], atol=1e-4, rtol=1e-4)
         assert p[0, :, h:].abs().sum() == 0 and p[0, :, :, w:].abs().sum() == 0
+
+
+def test_channels_last_backbone_equals_the_contiguous_one_and_stays_padding_invariant():
+    """NHWC is a memory layout only: same maps (forward and weight gradients, trainable BN,
+    padding mask), returned in channels_last."""
+    torch.manual_seed(0)
+    plain = Backbone(name="resnet18", return_strides=(8, 16, 32), frozen_stages=0, frozen_bn=False)
+    nhwc = Backbone(
+        name="resnet18", return_strides=(8, 16, 32), frozen_stages=0, frozen_bn=False,
+        channels_last=True,
+    )  # fmt: skip
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 70, 52)
+    mask = torch.zeros(2, 70, 52, dtype=torch.bool)
+    mask[1, 60:] = True
+    outs = [bb(images, mask) for bb in (plain, nhwc)]
+    for a, b in zip(*outs):
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    for out in outs:
+        sum(o.square().mean() for o in out).backward()
+    torch.testing.assert_close(
+        nhwc.body.layer2[0].conv1.weight.grad, plain.body.layer2[0].conv1.weight.grad,
+        atol=1e-4, rtol=1e-3,
+    )  # fmt: skip
+    neck = ChannelMapper(
+        in_channels=nhwc.channels, in_strides=nhwc.strides, d_model=32, num_levels=4
+    )
+    nhwc.eval()
+    _check_padding_invariance(nhwc, neck, 70, 45)
