@@ -66,46 +66,21 @@ def test_format_profiles_has_one_row_per_section_and_the_ratio():
     assert "| it/s relative to a | 1.000 |  | 0.800 |" in text
 
 
-_TINY = {
-    "data": {
-        "train": ["syn_photo", "syn_signs"],
-        "scales": [48, 64, 80],  # a random size per batch: shared batches must share it
-        "max_size": 96,
-        "crop": False,
-        "num_workers": 0,
-    },
-    "model": {
-        "backbone": {"name": "resnet18", "frozen_stages": 4},
-        "d_model": 32,
-        "nheads": 2,
-        "enc_layers": 1,
-        "dec_layers": 2,
-        "dim_feedforward": 64,
-        "num_queries": 10,
-        "num_feature_levels": 3,
-        "enc_n_points": 2,
-        "dec_n_points": 2,
-        "decoder_ffn": ["dense", "dense"],
-        "dn": {"number": 4},
-    },
-    "moe": {"num_experts": 2, "loss": "none", "expert_map": {"syn_photo": 0, "syn_signs": 1}},
-    "train": {"batch_size": 2, "device": "cpu"},
-}
-
-
 def test_same_batches_steps_every_config_on_the_first_configs_batches(
     tmp_path, synthetic_root, monkeypatch
 ):
     import yaml
+    from engine_fixtures import tiny_config_dict
 
     from damex.engine import step_profile
     from damex.errors import ConfigError
 
+    tiny = tiny_config_dict(synthetic_root, tmp_path / "run")
+    tiny["data"]["scales"] = [48, 64, 80]  # a random size per batch: shared batches share it
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(_TINY))
-    root = [f"data.synthetic.root={synthetic_root}", "data.synthetic.scale=0.05"]
-    root.append("data.synthetic.image_size=96")
-    damex = [*root, "model.decoder_ffn=[moe, dense]", "moe.loss=damex"]
+    path.write_text(yaml.safe_dump(tiny))
+    root: list[str] = ["model.decoder_ffn=[dense, dense]", "moe.loss=none"]
+    damex = ["moe.loss=damex"]
     drawn = []
     real_next = step_profile._Runner.next_batch
 
