@@ -623,6 +623,14 @@ def _run(command: str, verbose: bool, fn: Callable[[], int]) -> int:
         return 130
 
 
+def run_reporting_errors(command: str, argv: Sequence[str], fn: Callable[[], int]) -> int:
+    """Run ``fn`` as ``damex COMMAND`` would: the project's own errors and unusable paths print
+    one ``damex COMMAND: error: ...`` line and give exit code 2 (``-v`` / ``--verbose`` in
+    ``argv`` also prints the traceback); for the tools outside the CLI (``tools/benchmark.py``).
+    """
+    return _run(command, "-v" in argv or "--verbose" in argv, fn)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the process exit code.
 

@@ -36,13 +36,18 @@ def _main(argv: list[str]) -> int:
     if argv and argv[0] in _OWN:
         import importlib
 
+        from damex.cli import run_reporting_errors
+
         module = importlib.import_module(_OWN[argv[0]])
         entry = {
             "deform": "deform_main",
             "infer": "main",
             "onnx": "bench_main",
         }.get(argv[0], "main")
-        return int(getattr(module, entry)(argv[1:]) or 0)
+        # a bad config or path: one "damex benchmark NAME: error: ..." line, exit code 2
+        return run_reporting_errors(
+            f"benchmark {argv[0]}", argv, lambda: int(getattr(module, entry)(argv[1:]) or 0)
+        )
     from damex.cli import main
 
     return main(["benchmark", *argv])

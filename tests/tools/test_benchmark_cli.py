@@ -29,3 +29,12 @@ def test_help_lists_every_subcommand_and_each_has_its_own_help(capsys) -> None:
             bench._main([name, "--help"])
         assert exc.value.code == 0, name
         assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["profile", "infer"])
+def test_a_missing_config_is_one_error_line_and_exit_code_2(name, capsys, tmp_path) -> None:
+    bench = _benchmark_module()
+    missing = tmp_path / "nope.yaml"
+    assert bench._main([name, "-c", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"damex benchmark {name}: error: config file not found: {missing}"]
