@@ -72,31 +72,23 @@ _ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _act_forward(name: str, a: Tensor) -> Tensor:
-    return _ACT_FNS[name](a)
-
-
-def _act_with_graph(name: str, a: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``act(a)``, and (non-ReLU) the activation's own one-node autograd graph for the backward:
-    its derivative then runs on the saved input without recomputing the forward (public ops;
-    an erf-GELU pass over ``[N, h]`` is ~1 ms per million elements here). ``a`` must be a fresh
-    tensor without history (it becomes the graph's leaf)."""
-    if name == "relu":
-        return F.relu(a), None
+def _act_forward(name: str, a: Tensor, record: bool) -> tuple[Tensor, Tensor | None]:
+    """``act(a)``, and (``record``, non-ReLU) the activation's own one-node autograd graph for
+    the backward: its derivative then runs on the saved input without recomputing the forward
+    (public ops; an erf-GELU pass over ``[N, h]`` is ~1 ms per million elements here). ``a``
+    must be a fresh tensor without history (it becomes the graph's leaf)."""
+    if not record or name == "relu":
+        return _ACT_FNS[name](a), None
     with torch.enable_grad():
         out = _ACT_FNS[name](a.requires_grad_(True))
     return out.detach(), out
 
 
 def _act_backward(name: str, grad: Tensor, a: Tensor, graph: Tensor | None) -> Tensor:
-    """``grad * act'(a)``: ReLU's mask, otherwise the saved graph's backward (or, without a
-    saved graph, the activation's autograd on a recomputed forward)."""
+    """``grad * act'(a)``: ReLU's mask, otherwise the graph :func:`_act_forward` recorded."""
     if name == "relu":
         return grad * (a > 0)
-    if graph is None:
-        with torch.enable_grad():
-            leaf = a.detach().requires_grad_(True)
-            graph, a = _ACT_FNS[name](leaf), leaf
+    assert graph is not None  # a backward runs only when the forward recorded
     # retained: the outer graph may be run again (retain_graph=True, gradcheck); the node holds
     # only ``a``, which the caller keeps anyway
     (out,) = torch.autograd.grad(graph, a, grad, retain_graph=True)
@@ -203,10 +195,7 @@ class _ExpertFFNFunction(torch.autograd.Function):
             for item in items:
                 e, s, t, _ = item
                 a = torch.addmm(b1[e], x[s:t], w1[e].t())  # [M, h]
-                if meta.record:
-                    hid, graphs[index[item]] = _act_with_graph(meta.activation, a)
-                else:
-                    hid = _act_forward(meta.activation, a)
+                hid, graphs[index[item]] = _act_forward(meta.activation, a, meta.record)
                 if drop_mask is not None:
                     # out of place: ``hid`` may share its storage with the saved graph
                     hid = hid.mul(drop_mask[s:t]).mul_(meta.drop_scale)
