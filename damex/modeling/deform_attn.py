@@ -113,18 +113,21 @@ def ms_deform_attn(
     with torch.autocast(value.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (value, locations, weights)):
             return _SparseDeformAttn.apply(value, locations, weights, tuple(shapes))
-        with torch.no_grad():
-            return _sparse_attn_no_grad(value, shapes, locations, weights)
+        with torch.no_grad():  # inference: nothing kept for a backward
+            return _sparse_forward(value, shapes, locations, weights)[0]
 
 
-def _sparse_attn_no_grad(
-    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, attn: Tensor
-) -> Tensor:
-    """Inference: the forward product only, nothing kept for a backward."""
+def _sparse_forward(
+    value: Tensor, shapes: Sequence[tuple[int, int]], locations: Tensor, attn: Tensor
+) -> tuple[Tensor, _Layout, _Samples, Tensor, Tensor]:
+    """The forward product ``[B, Nq, H*Dh]``, and what a backward needs: the layout, the
+    samples, the sampling matrix and the padded values."""
     layout = _layout(shapes, locations)
-    matrix = _sampling_matrix(layout, _samples(layout, locations, attn))
+    padded = _pad_values(value, layout)
+    samples = _samples(layout, locations, attn)
+    matrix = _sampling_matrix(layout, samples)
     bsz, num_query = locations.shape[:2]
-    return (matrix @ _pad_values(value, layout)).view(bsz, num_query, -1)
+    return (matrix @ padded).view(bsz, num_query, -1), layout, samples, matrix, padded
 
 
 def _grid_sample_attn(
@@ -176,7 +179,7 @@ class _Layout:
     level; its columns are the head dimension ``Dh``.
 
     Attributes:
-        shapes: ``(H_l, W_l)`` per level.
+        shapes: ``(H_l, W_l)`` per level; padded: ``(H_l + 2 PAD, W_l + 2 PAD)``.
         row_starts: first row of each level; ``num_rows`` rows in all.
         index_dtype: int32 when every row / entry index fits (MKL's sparse products and the
             sort run ~2x faster on int32), else int64.
@@ -189,6 +192,7 @@ class _Layout:
     """
 
     shapes: list[tuple[int, int]]
+    padded: list[tuple[int, int]]
     heads: int
     row_starts: list[int]
     num_rows: int
@@ -232,6 +236,7 @@ def _layout(shapes: Sequence[tuple[int, int]], locations: Tensor) -> _Layout:
     corners = torch.stack([wp * 0, wp * 0 + heads, wp * heads, (wp + 1) * heads])
     return _Layout(
         shapes=list(shapes),
+        padded=padded,
         heads=heads,
         row_starts=row_starts,
         num_rows=num_rows,
@@ -251,8 +256,7 @@ def _pad_values(value: Tensor, layout: _Layout) -> Tensor:
     bsz, _, heads, head_dim = value.shape
     padded = value.new_zeros(layout.num_rows, head_dim)
     first = 0
-    for (h, w), start in zip(layout.shapes, layout.row_starts):
-        hp, wp = h + 2 * _PAD, w + 2 * _PAD
+    for (h, w), (hp, wp), start in zip(layout.shapes, layout.padded, layout.row_starts):
         level = padded[start : start + bsz * hp * wp * heads].view(bsz, hp, wp, heads, head_dim)
         level[:, _PAD : _PAD + h, _PAD : _PAD + w] = value[:, first : first + h * w].view(
             bsz, h, w, heads, head_dim
@@ -345,8 +349,7 @@ def _value_grad(layout: _Layout, s: _Samples, grad_out: Tensor, value_shape: tor
     size = (layout.num_rows, num_out)
     grads = [_csr(crow, col, per_corner[c], size) @ grad_out for c in range(4)]
     parts = []
-    for (h, w), start in zip(layout.shapes, layout.row_starts):
-        hp, wp = h + 2 * _PAD, w + 2 * _PAD
+    for (h, w), (hp, wp), start in zip(layout.shapes, layout.padded, layout.row_starts):
         end = start + bsz * hp * wp * heads
         level = grads[0][start:end].clone()
         for c, shift in enumerate((heads, wp * heads, (wp + 1) * heads), start=1):
@@ -367,15 +370,11 @@ class _SparseDeformAttn(torch.autograd.Function):
         attn: Tensor,  # [B, Nq, H, L, P]
         shapes: tuple[tuple[int, int], ...],
     ) -> Tensor:
-        layout = _layout(shapes, locations)
-        padded = _pad_values(value, layout)
-        samples = _samples(layout, locations, attn)
-        matrix = _sampling_matrix(layout, samples)
+        out, layout, samples, matrix, padded = _sparse_forward(value, shapes, locations, attn)
         ctx.save_for_backward(padded, attn)
         ctx.layout, ctx.samples, ctx.matrix = layout, samples, matrix
         ctx.value_shape = value.shape
-        bsz, num_query = locations.shape[:2]
-        return (matrix @ padded).view(bsz, num_query, -1)
+        return out
 
     @staticmethod
     def backward(  # type: ignore[override]
